@@ -178,6 +178,18 @@ def inspect(
         for name, g in info["groups"].items():
             t.add_row(name, str(g["tensors"]), ",".join(g["dtypes"]), _fmt_bytes(g["bytes"]))
         out.print(t)
+        bits = info["bits"]
+        if bits:
+            t = Table("matrix", "shape", "G", "salient %", "paper bits", "scale bits", "true bits",
+                      title=f"{info['quantization']['method']} matrices (bits per weight from the stored bytes)")
+            for m in bits["matrices"]:
+                t.add_row(m["name"].removeprefix("model."), "x".join(map(str, m["shape"])), str(m["groups"]),
+                          f"{100 * m['salient_fraction']:.2f}", f"{m['paper_bits']:.3f}", f"{m['paper_scale_bits']:.4f}",
+                          f"{m['true_bits']:.3f}")
+            t.add_row("[bold]decoder linear total[/]", "", "", "", f"{bits['linear_paper_bits']:.3f}",
+                      f"{bits['linear_paper_scale_bits']:.4f}", f"{bits['linear_true_bpw']:.3f}")
+            t.add_row("[bold]whole file[/]", "", "", "", "", "", f"{bits['file_true_bpw']:.3f}")
+            out.print(t)
 
 
 @app.command("import-gguf")
@@ -192,3 +204,84 @@ def import_gguf_cmd(
     with _user_errors():
         import_gguf(src, out_dir, force=force)
         err.print(f"wrote {out_dir}")
+
+
+@app.command()
+def compress(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP.replace("or a sagekit compressed folder", "")),
+    out_dir: Path = typer.Argument(Path("sagekit-out"), help="Folder to create for the packed model."),
+    method: str = typer.Option("sage", help="Quantisation method: sage (SAGE-PTQ)."),
+    salient_bits: int = typer.Option(4, min=2, max=8, help="Bits of each salient weight's correction."),
+    max_salient: float = typer.Option(0.05, min=0.0, max=0.5, help="Largest salient fraction p the "
+                                      "per-matrix threshold search may choose."),
+    target_bpw: Optional[float] = typer.Option(None, min=1.0, help="Solve for the one rate penalty that lands "
+                                               "the decoder linear layers' TRUE bits per weight here; also lets "
+                                               "the rate term choose the group count (1, 2, 4, 8)."),
+    rate_penalty: float = typer.Option(0.2, min=0.0, help="lambda in relative_error + lambda * true_bits, "
+                                       "minimised per matrix (ignored with --target-bpw)."),
+    group_select: str = typer.Option("silhouette", help="How each matrix's group count G is chosen: silhouette "
+                                     "(the paper) or rate (the rate-distortion objective)."),
+    n_sub: int = typer.Option(2048, min=16, help="Unsalient |w| values sampled for the kNN graph."),
+    knn: int = typer.Option(10, min=1, help="Neighbours per node in the kNN graph."),
+    max_groups: int = typer.Option(8, min=1, max=8, help="Largest group count the spectral clustering tries."),
+    seed: int = typer.Option(0, help="Seed of every random choice; the same seed gives byte-identical files."),
+    skip: Optional[str] = typer.Option(None, help="Regex of linear names to keep in FP16, "
+                                       "e.g. 'layers\\.0\\.|down_proj'."),
+    workers: int = typer.Option(1, min=1, help="Processes quantising matrices in parallel (same output bytes)."),
+    force: bool = typer.Option(False, help="Replace OUT_DIR if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Print report.json's totals as one JSON object on stdout."),
+) -> None:
+    """Compress the decoder linear layers with SAGE-PTQ into a packed folder (report.json inside)."""
+    from sagekit.quant.compress import CompressOptions
+    from sagekit.quant.compress import compress as run
+    from sagekit.quant.sage import SageKnobs
+
+    with _user_errors():
+        if group_select not in ("silhouette", "rate"):
+            raise SagekitError(f"--group-select must be silhouette or rate, not '{group_select}'")
+        src = _resolve(model)
+        knobs = SageKnobs(salient_bits=salient_bits, max_salient=max_salient, rate_penalty=rate_penalty,
+                          group_select=group_select, n_sub=n_sub, knn=knn, max_groups=max_groups, seed=seed)
+        opts = CompressOptions(knobs=knobs, method=method, target_bpw=target_bpw, skip=skip, workers=workers)
+        with progress() as bar:
+            task = None
+
+            def on_start(phase: str, n: int) -> None:
+                nonlocal task
+                task = bar.add_task(phase, total=n)
+
+            def on_step(st) -> None:
+                bar.advance(task)
+                if st is not None and not json_out:
+                    bar.console.print(
+                        f"{st.name:34s} {st.shape[0]:>6d}x{st.shape[1]:<6d} salient {100 * st.salient_fraction:5.2f}% "
+                        f"G={st.groups} paper {st.paper_bits:.3f} true {st.true_bits:.3f} bpw "
+                        f"err {st.rel_error:.4f} {st.seconds:5.2f}s", highlight=False)
+
+            report = run(src, out_dir, opts, force=force, on_start=on_start, on_step=on_step)
+        if json_out:
+            print(json.dumps({"out_dir": str(out_dir), **report["totals"]}))
+            return
+        out.print(_summary_table(report, out_dir))
+
+
+def _summary_table(report: dict, out_dir: Path) -> Table:
+    t = report["totals"]
+    table = Table(title=f"{out_dir}: {report['method']}", show_header=True)
+    table.add_column("")
+    table.add_column("value", justify="right")
+    rows = [
+        ("decoder linear weights", f"{t['linear_weights']:,}"),
+        ("paper-style weight bits", f"{t['linear_paper_bits']:.4f}"),
+        ("paper-style scaling bits", f"{t['linear_paper_scale_bits']:.4f}"),
+        ("true bits / weight (linear)", f"{t['linear_true_bpw']:.4f}"),
+        ("true bits / weight (whole file)", f"{t['file_true_bpw']:.4f}"),
+        ("relative error (weighted mean)", f"{t['linear_rel_error']:.4f}"),
+        ("file bytes", f"{t['file_bytes']:,} ({_fmt_bytes(t['file_bytes'])})"),
+        ("FP16 bytes", f"{t['fp16_bytes']:,} ({_fmt_bytes(t['fp16_bytes'])})"),
+        ("rate penalty used", f"{report['rate_penalty_used']:.4g}"),
+        ("seconds", f"{t['seconds']:.1f}"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    return table

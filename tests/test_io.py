@@ -189,7 +189,7 @@ def test_output_folder_checks(tmp_path):
         with atomic_folder(tmp_path / "exists"):
             pass
     (tmp_path / "a_file").write_text("x")
-    with pytest.raises(SagekitError, match="parent folder"):
+    with pytest.raises(SagekitError, match="is a file, not a folder"):
         with atomic_folder(tmp_path / "a_file" / "out"):
             pass
     with pytest.raises(RuntimeError):

@@ -20,8 +20,10 @@ def check_output_dir(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not force:
         raise SagekitError(f"{out_dir} already exists: choose another output folder or pass --force to replace it")
     parent = out_dir.resolve().parent
+    while not parent.exists():  # missing parents are created, like mkdir -p
+        parent = parent.parent
     if not parent.is_dir():
-        raise SagekitError(f"cannot write {out_dir}: its parent folder {parent} does not exist")
+        raise SagekitError(f"cannot write {out_dir}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK):
         raise SagekitError(f"cannot write {out_dir}: no write permission in {parent}")
 

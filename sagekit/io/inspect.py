@@ -17,6 +17,30 @@ def tensor_group(name: str) -> str:
     return re.sub(r"\.(weight|sign|gid|alpha|sal_\w+|scale\w*|\w+_plane|mean\w*)$", "", base).removeprefix("model.")
 
 
+def packed_bits(ckpt: Checkpoint) -> dict[str, Any]:
+    """Paper-style and true bits of every quantised matrix, computed from the bytes stored in the shards."""
+    q = ckpt.quantization or {}
+    b = int(q.get("knobs", {}).get("salient_bits", 4))
+    rows, n_all, bytes_all, paper_all, scale_all = [], 0, 0, 0.0, 0.0
+    for name, info in (q.get("modules") or {}).items():
+        out, in_ = info["shape"]
+        n = out * in_
+        stored = [t for t in ckpt.names() if t.startswith(name + ".")]
+        nbytes = sum(ckpt.file_of(t).nbytes(t) for t in stored)
+        nnz = int(np.prod(ckpt.file_of(name + ".sal_idx").shape(name + ".sal_idx")))
+        groups = int(np.prod(ckpt.file_of(name + ".alpha").shape(name + ".alpha")))
+        scales = groups + int(np.count_nonzero(ckpt.raw(name + ".sal_scale")))
+        paper, scale_bits = 1.0 + nnz / n * (b - 1), 16.0 * scales / n
+        rows.append({"name": name, "shape": [out, in_], "groups": groups, "salient_fraction": nnz / n,
+                     "paper_bits": paper, "paper_scale_bits": scale_bits, "true_bits": 8.0 * nbytes / n,
+                     "bytes": nbytes})
+        n_all, bytes_all = n_all + n, bytes_all + nbytes
+        paper_all, scale_all = paper_all + paper * n, scale_all + scale_bits * n
+    return {"matrices": rows, "linear_weights": n_all, "linear_bytes": bytes_all,
+            "linear_true_bpw": 8.0 * bytes_all / max(n_all, 1), "linear_paper_bits": paper_all / max(n_all, 1),
+            "linear_paper_scale_bits": scale_all / max(n_all, 1)}
+
+
 def inspect_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
     c = ckpt.config
     groups: dict[str, dict[str, Any]] = defaultdict(lambda: {"tensors": 0, "bytes": 0, "dtypes": set()})
@@ -30,6 +54,9 @@ def inspect_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
         if name.endswith(".weight"):
             params += int(np.prod(f.shape(name)))
     dense_params = sum(int(np.prod(s)) for s in c.expected_shapes().values())
+    bits = packed_bits(ckpt) if ckpt.quantization else None
+    if bits:
+        bits["file_true_bpw"] = 8.0 * ckpt.file_bytes / dense_params
     return {
         "path": str(ckpt.path),
         "architecture": {
@@ -42,6 +69,8 @@ def inspect_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
         "stored_float_parameters": params,
         "file_bytes": ckpt.file_bytes,
         "fp16_bytes": 2 * dense_params,
-        "quantization": ckpt.quantization,
+        "quantization": None if ckpt.quantization is None else
+        {k: v for k, v in ckpt.quantization.items() if k != "modules"},
+        "bits": bits,
         "groups": {k: {**v, "dtypes": sorted(v["dtypes"])} for k, v in sorted(groups.items())},
     }

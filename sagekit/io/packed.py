@@ -1,16 +1,106 @@
-"""The packed folder format: which tensors of a checkpoint are quantised, and how to read them back."""
+"""The packed folder format (docs/FORMAT.md): sharded safetensors of packed planes + config + report.
+
+Writing goes through ShardWriter (deterministic shard contents and names); reading turns the arrays of one
+quantised linear back into a Linear for the model, validating them first because files can be damaged.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
 from sagekit.backend import Backend
 from sagekit.errors import SagekitError
-from sagekit.io.checkpoint import Checkpoint
+from sagekit.io.checkpoint import INDEX_NAME, Checkpoint
+from sagekit.io.safetensors import write_safetensors
 from sagekit.model.linear import Linear
+
+QUANT_METHOD = "sage-ptq"
+FORMAT_VERSION = 1
+SHARD_BYTES = 1 << 30
+SAGE_FIELDS = ("sign", "gid", "alpha", "sal_ptr", "sal_idx", "sal_val", "sal_scale")
+
+
+class ShardWriter:
+    """Collects tensors and writes them as model-0000k.safetensors shards of about SHARD_BYTES each."""
+
+    def __init__(self, folder: Path, shard_bytes: int = SHARD_BYTES):
+        self.folder, self.shard_bytes = folder, shard_bytes
+        self.pending: dict[str, np.ndarray] = {}
+        self.pending_bytes = 0
+        self.weight_map: dict[str, str] = {}
+        self.files: list[Path] = []
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        if name in self.weight_map or name in self.pending:
+            raise ValueError(f"tensor {name} written twice")
+        self.pending[name] = array
+        self.pending_bytes += array.nbytes
+        if self.pending_bytes >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.folder / f"model-{len(self.files) + 1:05d}.safetensors"
+        write_safetensors(path, self.pending, metadata={"format": "sagekit"})
+        self.weight_map |= {n: path.name for n in self.pending}
+        self.files.append(path)
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> int:
+        """Write what is left and the index; returns the bytes of all shards."""
+        self.flush()
+        total = sum(p.stat().st_size for p in self.files)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return total
+
+
+def quantization_config(method: str, knobs: dict[str, Any], modules: dict[str, dict[str, Any]],
+                        extra: dict[str, Any]) -> dict[str, Any]:
+    from sagekit import __version__
+
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "method": method, "knobs": knobs,
+            "sagekit_version": __version__, **extra, "modules": modules}
+
+
+def _modules(ckpt: Checkpoint) -> dict[str, dict[str, Any]]:
+    q = ckpt.quantization or {}
+    if q.get("quant_method") != QUANT_METHOD:
+        raise SagekitError(f"{ckpt.path}: quantization method '{q.get('quant_method')}' is not supported "
+                           f"(sagekit reads '{QUANT_METHOD}' folders)")
+    if q.get("format_version") != FORMAT_VERSION:
+        raise SagekitError(f"{ckpt.path}: packed format version {q.get('format_version')} is not readable by this "
+                           f"sagekit (it reads version {FORMAT_VERSION}); upgrade sagekit or compress again")
+    modules = q.get("modules")
+    if not isinstance(modules, dict):
+        raise SagekitError(f"{ckpt.path}: config.json quantization_config has no modules table (corrupt folder)")
+    return modules
 
 
 def is_packed(ckpt: Checkpoint, prefix: str) -> bool:
-    return ckpt.quantization is not None and (prefix + ".weight") not in ckpt
+    return ckpt.quantization is not None and prefix in _modules(ckpt)
 
 
 def read_linear(ckpt: Checkpoint, prefix: str, backend: Backend) -> Linear:
-    raise SagekitError(f"{ckpt.path}: packed weights are not readable by this sagekit version")
+    from sagekit.model.linear import SageLinear
+    from sagekit.quant.pack import PackedSage
+
+    info = _modules(ckpt)[prefix]
+    method = info.get("method")
+    try:
+        shape = (int(info["shape"][0]), int(info["shape"][1]))
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise SagekitError(f"{ckpt.path}: module {prefix} has no valid shape in quantization_config") from None
+    if method != "sage":
+        raise SagekitError(f"{ckpt.path}: module {prefix} uses method '{method}', unknown to this sagekit")
+    arrays = {f: np.array(ckpt.raw(f"{prefix}.{f}")) for f in SAGE_FIELDS}  # copies: the file map closes
+    try:
+        packed = PackedSage.from_arrays(arrays, shape)
+    except ValueError as e:
+        raise SagekitError(f"{ckpt.path}: packed weight {prefix} is corrupt ({e}); compress the model again") from None
+    return SageLinear(packed, backend)

@@ -160,7 +160,8 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], m
             dtype = _NAMES.get(a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype)
             if dtype is None:
                 raise SagekitError(f"cannot store tensor '{name}' of dtype {a.dtype} in safetensors")
-        data = memoryview(np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<"), copy=False)).cast("B")
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        data = memoryview(a.reshape(-1)).cast("B") if a.size else b""
         header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)

@@ -31,3 +31,22 @@ class DenseLinear:
     @property
     def nbytes(self) -> int:
         return int(self.weight.nbytes)
+
+
+class SageLinear:
+    """A SAGE-packed weight. Until the packed kernels take over, it unpacks itself for the one call only,
+    so the model never holds more than one dense layer at a time."""
+
+    def __init__(self, packed: Any, backend: Any):
+        self.packed, self.backend = packed, backend
+        self.out_features, self.in_features = packed.shape
+
+    def __call__(self, x: Any) -> Any:
+        from sagekit.quant.pack import unpack_sage
+
+        w = self.backend.asarray(unpack_sage(self.packed))
+        return x @ w.T
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.packed.nbytes)

@@ -1,0 +1,182 @@
+"""Compress a whole checkpoint: stream its decoder linear weights through a method, write the packed folder.
+
+One tensor is read at a time (memory-mapped), quantised, handed to the shard writer and dropped. Matrices
+are independent, so `workers` processes share them; results are consumed in model order, so the output
+bytes do not depend on the worker count. Each matrix draws its randomness from seed + crc32(name).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from sagekit.errors import SagekitError
+from sagekit.io.atomic import atomic_folder, check_output_dir
+from sagekit.io.checkpoint import Checkpoint
+from sagekit.io.gguf_import import copy_tokenizer_files
+from sagekit.io.packed import ShardWriter, quantization_config
+from sagekit.quant.sage import MatrixQuantizer, MatrixStats, SageKnobs, lambda_for_target
+
+LINEAR_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass
+class CompressOptions:
+    knobs: SageKnobs = field(default_factory=SageKnobs)
+    method: str = "sage"
+    target_bpw: float | None = None
+    skip: str | None = None
+    workers: int = 1
+
+
+def linear_names(n_layers: int, skip: str | None) -> tuple[list[str], list[str]]:
+    """(to quantise, skipped) decoder linear prefixes, in model order."""
+    pattern = re.compile(skip) if skip else None
+    names = [f"model.layers.{i}.{s}" for i in range(n_layers) for s in LINEAR_SUFFIXES]
+    return [n for n in names if not (pattern and pattern.search(n))], [n for n in names if pattern and pattern.search(n)]
+
+
+def matrix_seed(seed: int, name: str) -> int:
+    return (seed + zlib.crc32(name.encode())) % (2 ** 32)
+
+
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(src: str, threads: int | None) -> None:
+    if threads:
+        import numba
+
+        numba.set_num_threads(threads)
+    _worker["ckpt"] = Checkpoint(src)
+
+
+def _curve(args: tuple[str, SageKnobs]) -> tuple[int, list[tuple[float, float]]]:
+    name, knobs = args
+    w = _read(name)
+    return w.size, MatrixQuantizer(w, knobs, matrix_seed(knobs.seed, name)).curve()
+
+
+def _quantize(args: tuple[str, SageKnobs, float]) -> tuple[dict[str, np.ndarray], MatrixStats]:
+    name, knobs, lam = args
+    t0 = time.perf_counter()
+    w = _read(name)
+    packed, stats = MatrixQuantizer(w, knobs, matrix_seed(knobs.seed, name)).quantize(lam, name, t0)
+    return packed.arrays(), stats
+
+
+def _read(name: str) -> np.ndarray:
+    w = _worker["ckpt"].float32(name + ".weight")
+    if not np.isfinite(w).all():
+        raise SagekitError(f"{name}.weight holds NaN or Inf values: the checkpoint is damaged; fetch it again")
+    return w
+
+
+def _map(fn: Callable, items: list, src: Path, workers: int) -> Iterator:
+    """fn over items in order, in this process or a pool; numba gets the cores split between workers."""
+    if workers <= 1:
+        _init_worker(str(src), None)
+        yield from map(fn, items)
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(src), threads)) as pool:
+        yield from pool.map(fn, items)
+
+
+def compress(src: Path, out_dir: Path, opts: CompressOptions, force: bool = False,
+             on_start: Callable[[str, int], None] | None = None,
+             on_step: Callable[[MatrixStats | None], None] | None = None) -> dict[str, Any]:
+    """Write the packed folder for `src` into `out_dir` (atomically) and return the report.
+
+    on_start(phase, n) announces a phase of n steps; on_step gets each finished matrix's stats (None for a
+    step of the rate-curve phase that `target_bpw` adds).
+    """
+    if opts.method != "sage":
+        raise SagekitError(f"unknown method '{opts.method}'")
+    check_output_dir(out_dir, force)
+    t_start = time.perf_counter()
+    with Checkpoint(src) as ckpt:
+        if ckpt.quantization is not None:
+            raise SagekitError(f"{src} is already quantised; compress the original FP16/BF16/FP32 model")
+        cfg = ckpt.config
+        names, skipped = linear_names(cfg.n_layers, opts.skip)
+        knobs = opts.knobs
+        lam = knobs.rate_penalty
+        if opts.target_bpw is not None:
+            knobs = SageKnobs(**{**knobs.to_dict(), "group_select": "rate"})
+            if on_start:
+                on_start("rate curves", len(names))
+            curves = []
+            for c in _map(_curve, [(n, knobs) for n in names], src, opts.workers):
+                curves.append(c)
+                if on_step:
+                    on_step(None)
+            lam = lambda_for_target(curves, opts.target_bpw)
+        if on_start:
+            on_start("quantize", len(names))
+        stats: list[MatrixStats] = []
+        with atomic_folder(out_dir, force=force) as tmp:
+            writer = ShardWriter(tmp)
+            for arrays, st in _map(_quantize, [(n, knobs, lam) for n in names], src, opts.workers):
+                for field_name, a in arrays.items():
+                    writer.add(f"{st.name}.{field_name}", a)
+                stats.append(st)
+                if on_step:
+                    on_step(st)
+            quantised = set(names)
+            for name in ckpt.names():
+                if name.removesuffix(".weight") not in quantised:
+                    writer.add(name, ckpt.float32(name).astype(np.float16))
+            file_bytes = writer.close()
+            modules = {s.name: {"method": "sage", "shape": list(s.shape)} for s in stats}
+            extra = {"seed": knobs.seed, "rate_penalty_used": lam, "target_bpw": opts.target_bpw,
+                     "skip": opts.skip}
+            config = {**cfg.raw, "torch_dtype": "float16",
+                      "quantization_config": quantization_config("sage", knobs.to_dict(), modules, extra)}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            copy_tokenizer_files(ckpt.folder, tmp)
+            skipped_weights = sum(int(np.prod(ckpt.file_of(n + ".weight").shape(n + ".weight"))) for n in skipped)
+            total_params = sum(int(np.prod(s)) for s in cfg.expected_shapes().values())
+            report = _report(stats, skipped, skipped_weights, file_bytes, total_params, knobs, lam, opts,
+                             time.perf_counter() - t_start)
+            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _report(stats: list[MatrixStats], skipped: list[str], skipped_weights: int, file_bytes: int,
+            total_params: int, knobs: SageKnobs, lam: float, opts: CompressOptions, seconds: float) -> dict[str, Any]:
+    n = np.array([s.shape[0] * s.shape[1] for s in stats], dtype=np.float64)
+    weights = float(n.sum()) + skipped_weights
+    packed_bytes = sum(s.nbytes for s in stats) + 2 * skipped_weights  # skipped linears stay FP16
+    mean = lambda key: float(sum(getattr(s, key) * k for s, k in zip(stats, n)) / max(n.sum(), 1))  # noqa: E731
+    return {
+        "method": "sage",
+        "knobs": knobs.to_dict(),
+        "target_bpw": opts.target_bpw,
+        "rate_penalty_used": lam,
+        "totals": {
+            "linear_weights": int(weights),
+            "linear_bytes": int(packed_bytes),
+            "linear_true_bpw": 8.0 * packed_bytes / weights,
+            "linear_paper_bits": mean("paper_bits"),
+            "linear_paper_scale_bits": mean("paper_scale_bits"),
+            "linear_rel_error": mean("rel_error"),
+            "file_bytes": int(file_bytes),
+            "file_true_bpw": 8.0 * file_bytes / total_params,
+            "parameters": total_params,
+            "fp16_bytes": 2 * total_params,
+            "skipped": skipped,
+            "seconds": seconds,
+        },
+        "matrices": [asdict(s) for s in stats],
+    }

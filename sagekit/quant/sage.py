@@ -1,0 +1,133 @@
+"""SAGE-PTQ for one weight matrix: saliency -> graph grouping -> adaptive threshold -> dual mode -> pack.
+
+Group count: the paper lets the silhouette score pick G (`group_select="silhouette"`). Because an honest
+store pays ceil(log2 G) bits per weight for the group id, sagekit also offers `group_select="rate"`: G
+is chosen with p by the same rate-distortion objective, among 1, 2, 4, 8 (a G that is not a power of two
+pays for ids it cannot use). `--target-bpw` needs it: p <= p_max alone cannot spend more than ~1 bit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from sagekit.quant.dualmode import dual_error, prepare_dual, quantize_dual
+from sagekit.quant.graph import Grouping, group_magnitudes
+from sagekit.quant.pack import PackedSage, pack_sage, sage_nbytes
+from sagekit.quant.saliency import saliency_order, salient_mask
+from sagekit.quant.threshold import search_fraction
+
+CURVE_POINTS = 9  # salient fractions sampled per (matrix, G) to solve for the lambda of a bit target
+
+
+@dataclass(frozen=True)
+class SageKnobs:
+    salient_bits: int = 4
+    max_salient: float = 0.05
+    rate_penalty: float = 0.2  # slope of error per bit near p = 1%: lands on the paper's ~1.03 weight bits
+    group_select: str = "silhouette"
+    n_sub: int = 2048
+    knn: int = 10
+    max_groups: int = 8
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class MatrixStats:
+    name: str
+    shape: tuple[int, int]
+    salient_fraction: float
+    groups: int
+    silhouette_groups: int
+    paper_bits: float
+    paper_scale_bits: float
+    true_bits: float
+    rel_error: float
+    seconds: float
+    nbytes: int
+
+
+def true_bits(shape: tuple[int, int], groups: int, p: float) -> float:
+    """Honest bits per weight of the stored arrays for a salient fraction p (what pack_sage will write)."""
+    out, in_ = shape
+    nnz = int(round(p * out * in_))
+    return 8.0 * sage_nbytes(out, in_, groups, nnz) / (out * in_)
+
+
+def candidate_groups(grouping: Grouping, rule: str) -> list[int]:
+    if rule == "silhouette":
+        return [grouping.chosen]
+    return [g for g in (1, 2, 4, 8) if g in grouping.boundaries]
+
+
+class MatrixQuantizer:
+    """The per-matrix state shared by the lambda solve and the final quantisation: sort, groups, prep."""
+
+    def __init__(self, w: np.ndarray, knobs: SageKnobs, seed: int):
+        self.w, self.knobs, self.shape = np.ascontiguousarray(w, dtype=np.float32), knobs, w.shape
+        self.order = saliency_order(self.w)
+        unsalient = ~salient_mask(self.order, self.shape, knobs.max_salient)
+        self.grouping = group_magnitudes(np.abs(self.w[unsalient]), knobs.n_sub, knobs.knn, knobs.max_groups,
+                                         seed=seed)
+        self.prep = prepare_dual(self.w, self.order)
+        self.groups = candidate_groups(self.grouping, knobs.group_select)
+
+    def error(self, p: float, groups: int) -> float:
+        return dual_error(self.prep, p, self.grouping.boundaries[groups], self.knobs.salient_bits)
+
+    def curve(self) -> list[tuple[float, float]]:
+        """(error, true bits) at a grid of (G, p): enough to solve for the model-wide lambda of a target."""
+        ps = np.linspace(0.0, self.knobs.max_salient, CURVE_POINTS)
+        return [(self.error(p, g), true_bits(self.shape, g, p)) for g in self.groups for p in ps]
+
+    def choose(self, lam: float) -> tuple[int, float]:
+        """(G, p) minimising relative_error + lam * true_bits, p by bounded Brent per candidate G."""
+        best = None
+        for g in self.groups:
+            p, val = search_fraction(lambda p: self.error(p, g) + lam * true_bits(self.shape, g, p),
+                                     self.knobs.max_salient)
+            if best is None or val < best[2]:
+                best = (g, p, val)
+        return best[0], best[1]
+
+    def quantize(self, lam: float, name: str, t0: float) -> tuple[PackedSage, MatrixStats]:
+        g, p = self.choose(lam)
+        mask = salient_mask(self.order, self.shape, p)
+        d = quantize_dual(self.w, mask, self.grouping.boundaries[g], self.knobs.salient_bits)
+        packed = pack_sage(d.sign, d.gid, d.alpha, d.sal_ptr, d.sal_idx, d.sal_val, d.sal_scale)
+        out, in_ = self.shape
+        n, nnz = out * in_, int(d.sal_idx.size)
+        scales = g + int(np.count_nonzero(d.sal_scale))
+        stats = MatrixStats(
+            name=name, shape=(out, in_), salient_fraction=nnz / n, groups=g, silhouette_groups=self.grouping.chosen,
+            paper_bits=1.0 + nnz / n * (self.knobs.salient_bits - 1), paper_scale_bits=16.0 * scales / n,
+            true_bits=8.0 * packed.nbytes / n, rel_error=d.rel_error, seconds=time.perf_counter() - t0,
+            nbytes=packed.nbytes)
+        return packed, stats
+
+
+def lambda_for_target(curves: list[tuple[int, list[tuple[float, float]]]], target_bpw: float) -> float:
+    """The one lambda whose per-matrix choices on the sampled curves land the weighted mean bits on target.
+
+    curves: (weights in the matrix, [(error, bits), ...]) per matrix. Bits fall as lambda grows, so bisect
+    on log lambda.
+    """
+    def bpw(lam: float) -> float:
+        total = sum(n * min(c, key=lambda eb: eb[0] + lam * eb[1])[1] for n, c in curves)
+        return total / sum(n for n, _ in curves)
+
+    lo, hi = 1e-7, 10.0
+    if bpw(lo) < target_bpw:
+        return lo
+    if bpw(hi) > target_bpw:
+        return hi
+    for _ in range(60):
+        mid = float(np.sqrt(lo * hi))
+        lo, hi = (mid, hi) if bpw(mid) > target_bpw else (lo, mid)
+    return float(np.sqrt(lo * hi))
