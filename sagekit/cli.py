@@ -285,3 +285,61 @@ def _summary_table(report: dict, out_dir: Path) -> Table:
     for k, v in rows:
         table.add_row(k, v)
     return table
+
+
+@app.command()
+def demo(
+    out_dir: Optional[Path] = typer.Argument(None, help="Where the compressed demo model goes "
+                                             "(default: the sagekit cache, reused when present)."),
+    prompt: str = typer.Option("The capital of France is", help="Prompt sent to both models."),
+    max_new_tokens: int = typer.Option(24, min=1, help="Tokens each model generates (greedy)."),
+    text: Optional[Path] = typer.Option(None, help="Text for the perplexity comparison (default: a short "
+                                        "passage that ships with sagekit)."),
+    seqlen: int = typer.Option(256, min=16, help="Perplexity window length."),
+    max_windows: int = typer.Option(4, min=1, help="Perplexity windows scored."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    force: bool = typer.Option(False, help="Compress again even if OUT_DIR exists."),
+) -> None:
+    """The whole job on the built-in model: import, compress, then FP16 and compressed side by side."""
+    from importlib.resources import files
+
+    from sagekit.eval.perplexity import evaluate, read_text
+    from sagekit.io.demo import cache_dir, demo_model
+    from sagekit.model.generate import generate as run_generate
+    from sagekit.quant.compress import CompressOptions
+    from sagekit.quant.compress import compress as run_compress
+
+    with _user_errors():
+        fp16 = demo_model(log=lambda m: err.print(f"[dim]{m}[/]"))
+        packed = out_dir or cache_dir() / "smollm2-135m-instruct-sage"
+        if force or not (packed / "report.json").is_file():
+            with progress() as bar:
+                task = bar.add_task("compress", total=None)
+                run_compress(fp16, packed, CompressOptions(), force=force,
+                             on_start=lambda phase, n: bar.update(task, total=n, description=phase),
+                             on_step=lambda st: bar.advance(task))
+        else:
+            err.print(f"[dim]reusing {packed} (pass --force to compress again)[/]")
+        report = json.loads((packed / "report.json").read_text())
+        out.print(_summary_table(report, packed))
+
+        tok = _tokenizer(fp16)
+        ids = tok.encode(prompt).ids
+        passage = text or Path(str(files("sagekit") / "data" / "demo_passage.txt"))
+        text_ids = np.asarray(tok.encode(read_text(passage)).ids, dtype=np.int64)
+        table = Table("", "FP16 reference", "SAGE compressed", title=f"prompt: {prompt!r}")
+        rows: dict[str, list[str]] = {k: [] for k in ("continuation", "decode tok/s", "weights in memory",
+                                                      "file bytes", f"ppl ({passage.name})")}
+        for path in (fp16, packed):
+            llm = _model(path, device, max(len(ids) + max_new_tokens, seqlen))
+            g = run_generate(llm, ids, max_new_tokens, temperature=0.0)
+            r = evaluate(llm, text_ids, seqlen, max_windows)
+            files_bytes = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+            rows["continuation"].append(repr(tok.decode(g.tokens)))
+            rows["decode tok/s"].append(f"{g.decode_tok_s:.1f}")
+            rows["weights in memory"].append(_fmt_bytes(llm.weight_bytes))
+            rows["file bytes"].append(_fmt_bytes(files_bytes))
+            rows[f"ppl ({passage.name})"].append(f"{r.ppl:.2f} ({r.windows}x{seqlen} tokens)")
+        for k, v in rows.items():
+            table.add_row(k, *v)
+        out.print(table)
