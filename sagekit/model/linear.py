@@ -50,3 +50,19 @@ class SageLinear:
     @property
     def nbytes(self) -> int:
         return int(self.packed.nbytes)
+
+
+class DequantLinear:
+    """A packed weight of a method without a kernel of its own (the baselines): `packed.unpack()` gives the
+    float32 weight, made for the one call only so the model never holds more than one dense layer."""
+
+    def __init__(self, packed: Any, backend: Any):
+        self.packed, self.backend = packed, backend
+        self.out_features, self.in_features = packed.shape
+
+    def __call__(self, x: Any) -> Any:
+        return x @ self.backend.asarray(self.packed.unpack()).T
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.packed.nbytes)
