@@ -12,7 +12,6 @@ import mmap
 import os
 import struct
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -173,11 +172,3 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], m
         for b in blobs:
             f.write(b)
     return 8 + len(head) + offset
-
-
-def iter_safetensors(paths: list[Path]) -> Iterator[tuple[str, SafetensorsFile]]:
-    """(name, file) for every tensor in a list of shards, each shard opened once."""
-    for p in paths:
-        f = SafetensorsFile(p)
-        for name in f.keys():
-            yield name, f
