@@ -1,0 +1,430 @@
+"""CPU matmul on packed `sage` weights (Numba): y = x @ W_hat.T straight from the bit planes.
+
+Method (T-MAC / bitnet.cpp style lookup tables, made exact for any number of groups):
+  * Each weight is U * alpha[g] with U = 2 sign - 1 = +-1. Expanding alpha over the NB group-id bits in the
+    Walsh basis gives  U * alpha[g] = sum_A beta_A * U * prod_{i in A} (2 g_i - 1),  and every product of +-1
+    factors is again +-1, stored as one bit: plane_A = sign XOR g_i for i in A. So the matrix is a sum of
+    2^NB pure +-1 matrices with scalar weights beta_A (one plane for G = 1, two for G = 2, four for G = 4).
+  * For a +-1 plane, y_r = sum over 4-column chunks of T_c[nibble], with T_c[m] = sum_i (+-x_{4c+i}) the
+    16 signed partial sums of x. The tables are built once per x and shared by all rows and planes.
+  * The planes are laid out "vertically" (word k of 16 consecutive rows side by side), so one AVX-512
+    `vpermps` looks up 16 rows at once from the 16-entry table held in a register: 3 instructions (shift,
+    permute, add) per 64 weights per plane, against 64 multiply-adds for dense float32.
+  * Salient corrections are a CSR pass over x added afterwards.
+  * Tokens go through in batches of 16 that share each load of the planes (prefill = many decodes).
+Without AVX-512 the same lookup is emitted as a 16-lane table read that LLVM lowers for the target.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from sagekit.quant.pack import PackedSage, n_words
+
+ROWS = 16  # lanes per vector: 16 rows' plane words / accumulators, or 16 tokens in the salient pass
+TOKEN_BATCH = ROWS  # tokens sharing one pass over the planes; the salient pass holds them in one vector
+BLAS_MIN_TOKENS = 64  # prefill with 4+ Walsh planes: unpacked row tiles through BLAS beat 4+ lookups a weight
+BLAS_TILE_ROWS = 128  # rows unpacked at a time: the only dense float32 scratch, (in, 128)
+PARALLEL_MIN_BITS = 1 << 22  # smaller matrices run on the calling thread: waking others costs more than it saves
+MAX_GROUPS = 16  # 2^NB Walsh planes cost one G = 1 matrix each; past 16 a lookup per code would be the way
+
+
+def _use_avx512() -> bool:
+    """Whether the compiled kernels may use AVX-512. SAGEKIT_NO_AVX512=1 forces the portable lookup; set
+    it with a fresh NUMBA_CACHE_DIR, since Numba's cache does not know about it."""
+    if os.environ.get("SAGEKIT_NO_AVX512"):
+        return False
+    if numba.config.CPU_NAME:  # Numba targets a named CPU: trust only features given with it
+        return "+avx512f" in (numba.config.CPU_FEATURES or "")
+    return "+avx512f" in llvm_binding.get_host_cpu_features().flatten()
+
+
+AVX512 = _use_avx512()
+_F16 = ir.VectorType(ir.FloatType(), ROWS)
+_I16 = ir.VectorType(ir.IntType(32), ROWS)
+_I8P = ir.IntType(8).as_pointer()
+
+
+def _vector_ptr(context, builder, aryty, ary, offset, vty):
+    """A pointer to a `vty` vector starting at ary[offset]."""
+    data = context.make_array(aryty)(context, builder, ary).data
+    return builder.bitcast(builder.gep(data, [offset]), vty.as_pointer())
+
+
+def _lookup16(builder, table_ptr, idx):
+    """16 lanes of table[idx & 15] for a 16-float table in memory."""
+    table = builder.load(builder.bitcast(table_ptr, _F16.as_pointer()), align=4)
+    if AVX512:
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_F16, [_F16, _I16]), "llvm.x86.avx512.permvar.sf.512"
+        )
+        return builder.call(fn, [table, idx])  # vpermps: uses the low 4 bits of each index
+    idx = builder.and_(idx, ir.Constant(_I16, [15] * ROWS))
+    out = ir.Constant(_F16, None)
+    for lane in range(ROWS):
+        i = builder.extract_element(idx, ir.Constant(ir.IntType(32), lane))
+        out = builder.insert_element(out, builder.extract_element(table, i), ir.Constant(ir.IntType(32), lane))
+    return out
+
+
+@intrinsic
+def _lut_planes(typingctx, acc, a0, acc_stride, planes, w0, tab, t0, tab_stride, n_tok, beta):
+    """For each token t < n_tok: acc[a0 + t*acc_stride :][:16] += sum_A beta[A] * sum_{j<8}
+    tab[t0 + t*tab_stride + 16j + ((P_A >> 4j) & 15)], over the 2^NB Walsh planes
+    P_A = sign ^ (XOR of the id planes i in A), formed in registers from the stored planes.
+
+    Layout: planes is a tuple (sign, id bit 0, ..., id bit NB-1) of flat uint32 arrays where [w0 + r] is
+    the word (32 columns) of row r < 16, with slack after the last row (loads may start 3 bytes past w0);
+    a token's tab[t0:t0+128] holds the eight 16-entry nibble tables of those 32 columns; acc holds 16
+    rows' float32 accumulators per token. NB comes from the tuple's type, so everything but the token
+    loop unrolls at compile time."""
+    if not (
+        isinstance(acc, types.Array)
+        and acc.dtype == types.float32
+        and isinstance(planes, types.UniTuple)
+        and planes.dtype.dtype == types.uint32
+        and isinstance(tab, types.Array)
+        and tab.dtype == types.float32
+        and isinstance(beta, types.Array)
+        and beta.dtype == types.float32
+        and all(t == types.int64 for t in (a0, acc_stride, w0, t0, tab_stride, n_tok))
+    ):
+        return None
+    n_bits = planes.count - 1
+
+    def codegen(context, builder, sig, args):
+        acc_v, a0_v, astride_v, planes_v, w0_v, tab_v, t0_v, tstride_v, ntok_v, beta_v = args
+        acc_data = context.make_array(sig.args[0])(context, builder, acc_v).data
+        tab_data = context.make_array(sig.args[5])(context, builder, tab_v).data
+        beta_data = context.make_array(sig.args[9])(context, builder, beta_v).data
+
+        def load_planes(byte_offset):
+            """The 1+NB stored plane vectors of the 16 rows, read `byte_offset` bytes into the words."""
+            vectors = []
+            for i in range(1 + n_bits):
+                data = context.make_array(planes.dtype)(context, builder, builder.extract_value(planes_v, i)).data
+                byte0 = builder.bitcast(builder.gep(data, [w0_v]), _I8P)
+                p = builder.gep(byte0, [ir.Constant(ir.IntType(64), byte_offset)])
+                vectors.append(builder.load(builder.bitcast(p, _I16.as_pointer()), align=1))
+            return vectors
+
+        def walsh(bits, a):
+            w = bits[0]
+            for i in range(n_bits):
+                if (a >> i) & 1:
+                    w = builder.xor(w, bits[1 + i])
+            return w
+
+        def nibbles_by_shift():
+            """[A][j]: nibble j of Walsh plane A in the low 4 bits of each lane (vpermps reads no more)."""
+            bits = load_planes(0)
+            shifts = [ir.Constant(_I16, [4 * j] * ROWS) for j in range(8)]
+            return [[builder.lshr(walsh(bits, a), s) for s in shifts] for a in range(1 << n_bits)]
+
+        def nibbles_by_offset():
+            """The same, with even nibbles straight from loads 0..3 bytes into the words and odd ones one shift
+            away: 16 shifts instead of 28 for four planes, which relieves the pipes vpermps runs on."""
+            loads = [load_planes(o) for o in range(4)]
+            index = []
+            for a in range(1 << n_bits):
+                row = []
+                for o in range(4):
+                    w = walsh(loads[o], a)
+                    row += [w, builder.lshr(w, ir.Constant(_I16, [4] * ROWS))]
+                index.append(row)
+            return index
+
+        betas = [
+            _splat(builder, builder.load(builder.gep(beta_data, [ir.Constant(ir.IntType(64), a)])))
+            for a in range(1 << n_bits)
+        ]
+
+        def accumulate(t, index):
+            acc_t = builder.gep(acc_data, [builder.add(a0_v, builder.mul(t, astride_v))])
+            pa = builder.bitcast(acc_t, _F16.as_pointer())
+            tab_t = builder.add(t0_v, builder.mul(t, tstride_v))
+            tables = [builder.gep(tab_data, [builder.add(tab_t, ir.Constant(tab_t.type, 16 * j))]) for j in range(8)]
+            total = builder.load(pa, align=4)
+            for a in range(1 << n_bits):
+                terms = [_lookup16(builder, tables[j], index[a][j]) for j in range(8)]
+                while len(terms) > 1:  # a tree, not a chain: independent adds keep the pipes full
+                    terms = [builder.fadd(terms[i], terms[i + 1]) for i in range(0, len(terms), 2)]
+                total = builder.fadd(total, builder.fmul(betas[a], terms[0]))
+            builder.store(total, pa, align=4)
+
+        if n_bits <= 1:  # up to 16 index vectors: formed once, kept in registers for all tokens
+            index = nibbles_by_shift()
+            with _count_loop(builder, ntok_v) as t:
+                accumulate(t, index)
+            return
+        # More would spill: decode forms them by offset loads; a batch of tokens rebuilds them per token
+        # (loaded inside the loop, where the acc stores keep them from being hoisted and spilled).
+        with builder.if_else(builder.icmp_signed("==", ntok_v, ir.Constant(ntok_v.type, 1))) as (one, many):
+            with one:
+                accumulate(ir.Constant(ntok_v.type, 0), nibbles_by_offset())
+            with many:
+                with _count_loop(builder, ntok_v) as t:
+                    accumulate(t, nibbles_by_shift())
+
+    return types.void(acc, a0, acc_stride, planes, w0, tab, t0, tab_stride, n_tok, beta), codegen
+
+
+@contextmanager
+def _count_loop(builder, n):
+    """for i in range(n): the body emitted inside the with-block sees i."""
+    pre = builder.block
+    head = builder.append_basic_block("loop.head")
+    body = builder.append_basic_block("loop.body")
+    done = builder.append_basic_block("loop.done")
+    builder.branch(head)
+    builder.position_at_end(head)
+    i = builder.phi(n.type)
+    i.add_incoming(ir.Constant(n.type, 0), pre)
+    builder.cbranch(builder.icmp_signed("<", i, n), body, done)
+    builder.position_at_end(body)
+    yield i
+    i.add_incoming(builder.add(i, ir.Constant(n.type, 1)), builder.block)
+    builder.branch(head)
+    builder.position_at_end(done)
+
+
+def _splat(builder, value):
+    one = builder.insert_element(ir.Constant(_F16, None), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, ir.Constant(_F16, None), ir.Constant(_I16, [0] * ROWS))
+
+
+@intrinsic
+def _sparse_row16(typingctx, acc, a0, xt, idx, val, j0, j1):
+    """acc[a0:a0+16] += sum_{j0 <= j < j1} val[j] * xt[16*idx[j] : 16*idx[j]+16]: one row of salient
+    corrections for 16 tokens at once. Layout: xt is x transposed, (in, 16) flat, so a column's 16 tokens
+    are one vector. Four accumulators rotate through the loop so the adds do not wait on each other."""
+    if not (isinstance(acc, types.Array) and isinstance(xt, types.Array) and j0 == types.int64 and j1 == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        acc_v, a0_v, xt_v, idx_v, val_v, j0_v, j1_v = args
+        pa = _vector_ptr(context, builder, sig.args[0], acc_v, a0_v, _F16)
+        xt_data = context.make_array(sig.args[2])(context, builder, xt_v).data
+        idx_data = context.make_array(sig.args[3])(context, builder, idx_v).data
+        val_data = context.make_array(sig.args[4])(context, builder, val_v).data
+        pre = builder.block
+        head = builder.append_basic_block("sal.head")
+        body = builder.append_basic_block("sal.body")
+        done = builder.append_basic_block("sal.done")
+        builder.branch(head)
+        builder.position_at_end(head)
+        j = builder.phi(j0_v.type)
+        accs = [builder.phi(_F16) for _ in range(4)]
+        j.add_incoming(j0_v, pre)
+        for a in accs:
+            a.add_incoming(ir.Constant(_F16, None), pre)
+        builder.cbranch(builder.icmp_signed("<", j, j1_v), body, done)
+        builder.position_at_end(body)
+        col = builder.zext(builder.load(builder.gep(idx_data, [j])), j.type)
+        q = builder.sitofp(builder.load(builder.gep(val_data, [j])), ir.FloatType())
+        qv = _splat(builder, q)
+        off = builder.mul(col, ir.Constant(col.type, ROWS))
+        xv = builder.load(builder.bitcast(builder.gep(xt_data, [off]), _F16.as_pointer()), align=4)
+        new = builder.fadd(accs[0], builder.fmul(qv, xv))
+        for a, nxt in zip(accs, accs[1:] + [new]):
+            a.add_incoming(nxt, body)
+        j.add_incoming(builder.add(j, ir.Constant(j.type, 1)), body)
+        builder.branch(head)
+        builder.position_at_end(done)
+        total = builder.fadd(builder.fadd(accs[0], accs[1]), builder.fadd(accs[2], accs[3]))
+        builder.store(builder.fadd(builder.load(pa, align=4), total), pa, align=4)
+
+    return types.void(acc, a0, xt, idx, val, j0, j1), codegen
+
+
+@dataclass(frozen=True)
+class SageCPU:
+    """A PackedSage re-laid once at load time for the CPU kernel."""
+
+    # uint32 (1+NB, WORDS*OUT16 + 16): sign, then id bit planes; [p, k*OUT16 + r] = word k of row r (rows padded
+    # to OUT16, a multiple of 16), then 16 words of slack for the kernel's offset loads
+    planes: np.ndarray
+    beta: np.ndarray  # float32 (2^NB,): Walsh coefficients of alpha, sign of odd subsets folded in
+    values: np.ndarray  # float32 (2^(1+NB),): the weight of code sign | id << 1, i.e. (2 sign - 1) alpha[id]
+    sal_ptr: np.ndarray  # int32 (out+1,)
+    sal_idx: np.ndarray  # uint16 (nnz,)
+    sal_val: np.ndarray  # int8 (nnz,)
+    sal_scale: np.ndarray  # float32 (out,)
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.planes, self.beta, self.values, self.sal_ptr, self.sal_idx, self.sal_val, self.sal_scale)
+        return sum(int(a.nbytes) for a in arrays)
+
+
+def walsh_beta(alpha: np.ndarray, nb: int) -> np.ndarray:
+    """beta_A = (-1)^|A| 2^-NB sum_g alpha_g prod_{i in A} (2 bit_i(g) - 1); alpha of unused ids is 0."""
+    a = np.zeros(1 << nb)
+    a[: len(alpha)] = np.asarray(alpha, dtype=np.float64)
+    g = np.arange(1 << nb)
+    beta = np.empty(1 << nb)
+    for s in range(1 << nb):
+        chi = np.ones(1 << nb)
+        for i in range(nb):
+            if (s >> i) & 1:
+                chi *= 2.0 * ((g >> i) & 1) - 1.0
+        beta[s] = (-1) ** bin(s).count("1") * (a * chi).mean()
+    return beta.astype(np.float32)
+
+
+def prepare(p: PackedSage) -> SageCPU:
+    """Transpose the planes to the vertical layout (rows padded to 16) and precompute the Walsh weights."""
+    if p.n_groups > MAX_GROUPS:
+        raise ValueError(f"alpha: the CPU kernel takes up to {MAX_GROUPS} groups, this matrix has {p.n_groups}")
+    out, _ = p.shape
+    stacked = np.concatenate([p.sign[None], p.gid])
+    n_bits, _, words = stacked.shape
+    out16 = -(-out // ROWS) * ROWS
+    planes = np.zeros((n_bits, words * out16 + ROWS), dtype=np.uint32)
+    planes[:, : words * out16].reshape(n_bits, words, out16)[:, :, :out] = stacked.transpose(0, 2, 1)
+    alpha = np.zeros(1 << (n_bits - 1), dtype=np.float32)
+    alpha[: p.n_groups] = p.alpha
+    return SageCPU(
+        planes=planes,
+        beta=walsh_beta(alpha, n_bits - 1),
+        values=np.stack([-alpha, alpha], axis=1).reshape(-1),
+        sal_ptr=p.sal_ptr,
+        sal_idx=p.sal_idx,
+        sal_val=p.sal_val,
+        sal_scale=p.sal_scale.astype(np.float32),
+        shape=p.shape,
+    )
+
+
+@njit(cache=True, fastmath=True)
+def _fill_tables(x, tab):
+    """Layout: tab[128k + 16j + m] = sum_{i<4} (+1 if bit i of m else -1) * x[32k + 4j + i], x zero-padded.
+    Built by doubling: entry m + 2^i is entry m with x_i's sign flipped to +."""
+    in_ = x.size
+    for c in range(tab.size // 16):
+        t = tab[16 * c : 16 * c + 16]
+        t[0] = 0
+        for i in range(4):
+            if 4 * c + i < in_:
+                t[0] -= x[4 * c + i]
+        for i in range(4):
+            two_x = 2 * x[4 * c + i] if 4 * c + i < in_ else np.float32(0)
+            for m in range(1 << i):
+                t[m + (1 << i)] = t[m] + two_x
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _lut_matmul(x, planes, beta, sal_ptr, sal_idx, sal_val, sal_scale, y, words, n_par):
+    """Layout: x (T, in) f32; planes a tuple of 1+NB u32 vertical planes as in SageCPU; y (T, out) f32."""
+    n_tok, in_ = x.shape
+    out = y.shape[1]
+    out16 = (planes[0].size - ROWS) // words
+    n_blocks = out16 // ROWS
+    step = -(-n_blocks // n_par)
+    for t0 in range(0, n_tok, TOKEN_BATCH):
+        tb = min(TOKEN_BATCH, n_tok - t0)
+        tab = np.empty(tb * words * 128, dtype=np.float32)
+        if tb == 1:  # decode: too little work to be worth a second parallel region
+            _fill_tables(x[t0], tab)
+        else:
+            for t in prange(tb):
+                _fill_tables(x[t0 + t], tab[t * words * 128 : (t + 1) * words * 128])
+        xt = np.zeros((in_ if n_tok > 1 else 0, ROWS), dtype=np.float32)  # salient pass of T > 1: (in, tokens)
+        if n_tok > 1:
+            xt[:, :tb] = x[t0 : t0 + tb].T
+        xt_flat = xt.reshape(-1)
+        for part in prange(n_par):
+            b0 = part * step
+            b1 = min(n_blocks, b0 + step)
+            if b0 >= b1:
+                continue
+            nrow = (b1 - b0) * ROWS
+            acc = np.zeros(tb * nrow, dtype=np.float32)  # (tokens, this part's rows)
+            for k in range(words):
+                for b in range(b0, b1):
+                    _lut_planes(
+                        acc, (b - b0) * ROWS, nrow, planes, k * out16 + b * ROWS, tab, k * 128, words * 128, tb, beta
+                    )
+            sal = np.zeros(ROWS, dtype=np.float32)
+            for r in range(b0 * ROWS, min(out, b1 * ROWS)):
+                j0, j1 = np.int64(sal_ptr[r]), np.int64(sal_ptr[r + 1])
+                if n_tok == 1:  # decode: a gather-vectorised dot product over the row's salient columns
+                    cols, vals, xr = sal_idx[j0:j1], sal_val[j0:j1], x[t0]
+                    s = np.float32(0)
+                    for j in range(cols.size):
+                        s += np.float32(vals[j]) * xr[cols[j]]
+                    sal[0] = s
+                else:
+                    sal[:] = 0
+                    _sparse_row16(sal, 0, xt_flat, sal_idx, sal_val, j0, j1)
+                for t in range(tb):
+                    y[t0 + t, r] = acc[t * nrow + r - b0 * ROWS] + sal_scale[r] * sal[t]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _unpack_tile(planes, values, sal_ptr, sal_idx, sal_val, sal_scale, words, r0, tile):
+    """Layout: planes as in SageCPU (2-D); tile (in, R) f32 = W_hat[r0 : r0+R].T, rows past `out` left as
+    whatever the zero padding decodes to. Transposed so that each plane word fills a contiguous row run."""
+    in_, n_rows = tile.shape
+    out = sal_scale.size
+    out16 = (planes.shape[1] - ROWS) // words
+    for k in prange(words):
+        code = np.empty(n_rows, dtype=np.uint32)
+        for j in range(min(32, in_ - 32 * k)):
+            code[:] = 0
+            for i in range(planes.shape[0]):
+                w = planes[i, k * out16 + r0 : k * out16 + r0 + n_rows]
+                for r in range(n_rows):
+                    code[r] |= ((w[r] >> j) & 1) << i
+            for r in range(n_rows):
+                tile[32 * k + j, r] = values[code[r]]
+    for r in prange(min(n_rows, out - r0)):
+        for j in range(sal_ptr[r0 + r], sal_ptr[r0 + r + 1]):
+            tile[sal_idx[j], r] += np.float32(sal_val[j]) * sal_scale[r0 + r]
+
+
+def _blas_matmul(x: np.ndarray, k: SageCPU, y: np.ndarray) -> None:
+    """Prefill with many planes: unpack BLAS_TILE_ROWS rows at a time and let BLAS multiply them."""
+    out, in_ = k.shape
+    tile = np.empty((in_, BLAS_TILE_ROWS), dtype=np.float32)
+    for r0 in range(0, out, BLAS_TILE_ROWS):
+        r1 = min(out, r0 + BLAS_TILE_ROWS)
+        _unpack_tile(k.planes, k.values, k.sal_ptr, k.sal_idx, k.sal_val, k.sal_scale, n_words(in_), r0, tile)
+        np.matmul(x, tile[:, : r1 - r0], out=y[:, r0:r1])
+
+
+def sage_matmul(x: np.ndarray, k: SageCPU | PackedSage) -> np.ndarray:
+    """float32 (T, in) -> float32 (T, out). T == 1 is decode, T > 1 prefill: tokens go through the lookup
+    kernel in batches, except long prefills of 4+ plane matrices, which take unpacked tiles through BLAS."""
+    if isinstance(k, PackedSage):
+        k = prepare(k)
+    out, in_ = k.shape
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != in_:
+        raise ValueError(f"x: expected (T, {in_}), got {x.shape}")
+    y = np.empty((x.shape[0], out), dtype=np.float32)
+    if x.shape[0] >= BLAS_MIN_TOKENS and len(k.beta) >= 4:
+        _blas_matmul(x, k, y)
+        return y
+    threads = numba.get_num_threads()
+    serial = k.planes.size * 32 * x.shape[0] < PARALLEL_MIN_BITS and threads > 1
+    if serial:
+        numba.set_num_threads(1)
+    try:
+        salient = (k.sal_ptr, k.sal_idx, k.sal_val, k.sal_scale)
+        _lut_matmul(x, tuple(k.planes), k.beta, *salient, y, n_words(in_), numba.get_num_threads())
+    finally:
+        if serial:
+            numba.set_num_threads(threads)
+    return y

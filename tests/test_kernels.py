@@ -1,0 +1,134 @@
+"""Matmul kernels on packed weights against the dense reference x @ unpack_sage(p).T."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sagekit.kernels import cpu, cuda
+from sagekit.quant.pack import random_packed, unpack_sage
+
+SHAPES = [(37, 70), (129, 200), (576, 1536), (16, 32)]
+KERNEL_DIR = Path(cpu.__file__).resolve().parent
+
+
+def reference(x: np.ndarray, p) -> tuple[np.ndarray, np.ndarray]:
+    """(exact product in float64, a bound on float32 rounding: |x| @ |W|^T)."""
+    w = unpack_sage(p).astype(np.float64)
+    return x.astype(np.float64) @ w.T, np.abs(x.astype(np.float64)) @ np.abs(w).T
+
+
+def assert_matches(y: np.ndarray, x: np.ndarray, p, rel: float) -> None:
+    ref, scale = reference(x, p)
+    assert y.shape == ref.shape
+    err = np.abs(y.astype(np.float64) - ref)
+    assert (err <= rel * scale + 1e-30).all(), f"max error {err.max():.3g}, bound {rel} x |x||W|"
+
+
+@pytest.mark.parametrize("out,in_", SHAPES)
+@pytest.mark.parametrize("n_groups", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("salient", [0.0, 0.03])
+def test_cpu_matmul_matches_dense(out, in_, n_groups, salient):
+    p = random_packed(out, in_, n_groups, salient, seed=out + in_ + n_groups)
+    k = cpu.prepare(p)
+    rng = np.random.default_rng(0)
+    for n_tok in (1, 3, 20, 65):  # decode, small batches (one, two), and a prefill long enough for BLAS tiles
+        x = rng.standard_normal((n_tok, in_)).astype(np.float32)
+        assert_matches(cpu.sage_matmul(x, k), x, p, rel=1e-5)
+
+
+def test_cpu_matmul_sixteen_groups_and_no_more():
+    p = random_packed(70, 100, 16, 0.03, seed=6)
+    x = np.random.default_rng(2).standard_normal((3, 100)).astype(np.float32)
+    assert_matches(cpu.sage_matmul(x[:1], p), x[:1], p, rel=1e-5)
+    assert_matches(cpu.sage_matmul(x, p), x, p, rel=1e-5)
+    with pytest.raises(ValueError, match="^alpha:"):
+        cpu.prepare(random_packed(20, 40, 17, 0.0, seed=6))
+
+
+def test_cpu_matmul_takes_packed_and_checks_x():
+    p = random_packed(20, 50, 2, 0.1, seed=5)
+    x = np.random.default_rng(1).standard_normal((2, 50)).astype(np.float64)
+    assert_matches(cpu.sage_matmul(x, p), x.astype(np.float32), p, rel=1e-5)
+    with pytest.raises(ValueError, match="^x:"):
+        cpu.sage_matmul(np.zeros((2, 49), np.float32), p)
+
+
+def test_walsh_coefficients_rebuild_alpha():
+    alpha = np.array([0.01, 0.02, 0.035], np.float32)  # G = 3: id 3 never occurs
+    beta = cpu.walsh_beta(alpha, 2).astype(np.float64)
+    for g in range(3):
+        for sign in (0, 1):
+            value = 0.0
+            for a in range(4):
+                bit = sign ^ (bin(a & g).count("1") % 2)  # plane A = sign XOR the id bits i in A
+                value += beta[a] * (2 * bit - 1)
+            assert value == pytest.approx((2 * sign - 1) * alpha[g], abs=1e-8)
+
+
+PORTABLE = """
+import numpy as np
+from sagekit.kernels import cpu
+from sagekit.quant.pack import random_packed, unpack_sage
+assert not cpu.AVX512
+for g in (1, 4):
+    p = random_packed(129, 200, g, 0.03, seed=g)
+    x = np.random.default_rng(0).standard_normal((3, 200)).astype(np.float32)
+    for t in (1, 3):
+        ref = x[:t].astype(np.float64) @ unpack_sage(p).T.astype(np.float64)
+        assert np.abs(cpu.sage_matmul(x[:t], p) - ref).max() < 1e-4, g
+"""
+
+
+def test_cpu_matmul_without_avx512(tmp_path):
+    """The portable lookup (what CPUs without AVX-512 run), compiled fresh in a child process."""
+    env = {**os.environ, "SAGEKIT_NO_AVX512": "1", "NUMBA_CACHE_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", PORTABLE], check=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("source", sorted(p.name for p in KERNEL_DIR.glob("*.cu")))
+def test_cuda_sources_compile(source, tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    cmd = [nvcc, "-arch=sm_80", "-std=c++17", "-DSAGE_INSTANTIATE_ALL", f"-I{KERNEL_DIR}", "-c"]
+    cmd += [str(KERNEL_DIR / source), "-o", str(tmp_path / "k.o")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr.lower(), result.stderr
+
+
+def test_cuda_module_imports_without_cupy():
+    assert cuda.KERNEL_DIR == KERNEL_DIR and (KERNEL_DIR / "sage_gemm.cu").is_file()
+
+
+def _gpu():
+    cp = pytest.importorskip("cupy", reason="CuPy is not installed")
+    try:
+        if cp.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no CUDA GPU")
+    except cp.cuda.runtime.CUDARuntimeError as e:
+        pytest.skip(f"no usable CUDA GPU: {e}")
+    return cp
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("out,in_", SHAPES + [(256, 4096), (100, 1000)])
+@pytest.mark.parametrize("n_groups", [1, 2, 3, 4, 8, 16])
+@pytest.mark.parametrize("salient", [0.0, 0.03])
+@pytest.mark.parametrize("n_tok", [1, 3, 65])
+def test_gpu_matmul_matches_dense(out, in_, n_groups, salient, n_tok):
+    cp = _gpu()
+    p = random_packed(out, in_, n_groups, salient, seed=out + in_ + n_groups)
+    x = np.random.default_rng(n_tok).standard_normal((n_tok, in_)).astype(np.float16)
+    dev = cuda.to_device(p)
+    y = cuda.sage_matmul_gpu(cp.asarray(x[0] if n_tok == 1 else x), dev).get()
+    y = y.reshape(n_tok, out).astype(np.float32)
+    # FP16 output (and FP16 weights in the GEMM's tiles): a few FP16 ulps of the magnitudes involved
+    assert_matches(y, x.astype(np.float32), p, rel=4e-3)
