@@ -17,6 +17,8 @@ from sagekit.errors import SagekitError
 
 def check_output_dir(out_dir: Path, force: bool) -> None:
     """Refuse an existing OUT unless forced, and an unwritable parent, before any long work starts."""
+    if out_dir.exists() and not out_dir.is_dir():  # --force replaces a folder, never deletes a file
+        raise SagekitError(f"{out_dir} is a file, not a folder: choose another output folder")
     if out_dir.exists() and not force:
         raise SagekitError(f"{out_dir} already exists: choose another output folder or pass --force to replace it")
     parent = out_dir.resolve().parent
@@ -35,19 +37,18 @@ def atomic_folder(out_dir: Path, force: bool = False, tmp_dir: Path | None = Non
     check_output_dir(out_dir, force)
     tmp = tmp_dir or out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         yield tmp
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
-    except OSError as e:
+    except OSError as e:  # every one is about the disk or the path: a line for the user, not a traceback
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise SagekitError(f"disk full while writing {out_dir}: free space and run again") from None
-        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise SagekitError(f"cannot write {out_dir}: {e.strerror}") from None
-        raise
+        where = f" ({e.filename})" if e.filename else ""
+        raise SagekitError(f"cannot write {out_dir}: {e.strerror}{where}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

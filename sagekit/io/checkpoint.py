@@ -31,9 +31,14 @@ def _shards(path: Path) -> tuple[Path, list[Path]]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            files = sorted(set(weight_map.values()))
+        except (ValueError, RecursionError, KeyError, TypeError, AttributeError):
             raise SagekitError(f"{index} is not a valid safetensors index (no weight_map)") from None
-        files = sorted(set(weight_map.values()))
+        except OSError as e:
+            raise SagekitError(f"cannot read {index}: {e.strerror}") from None
+        bad = [f for f in files if not isinstance(f, str) or Path(f).name != f]
+        if bad:  # a shard is a plain file name beside the index, never a path that leads elsewhere
+            raise SagekitError(f"{index} names shard {bad[0]!r}, which is not a file name (corrupt index)")
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
             raise SagekitError(f"{path}: shard {missing[0]} named in {INDEX_NAME} is missing; download it again")
@@ -55,20 +60,45 @@ class Checkpoint:
         self.folder, self.shard_paths = _shards(self.path)
         self.config = LlamaConfig.load(self.folder / "config.json")
         self.quantization: dict[str, Any] | None = self.config.raw.get("quantization_config")
-        self._files = [SafetensorsFile(p) for p in self.shard_paths]
+        if self.quantization is not None and not isinstance(self.quantization, dict):
+            raise SagekitError(f"{self.folder / 'config.json'}: quantization_config is not a JSON object "
+                               "(corrupt folder)")
+        self._files: list[SafetensorsFile] = []
         self._where: dict[str, SafetensorsFile] = {}
-        for f in self._files:
-            for name in f.keys():
-                if name in self._where:
-                    raise SagekitError(f"tensor '{name}' appears in two shards ({self._where[name].path.name}, "
-                                       f"{f.path.name}): the checkpoint is inconsistent")
-                self._where[name] = f
-        if self.quantization is None:
-            self._check_dense()
+        try:
+            for p in self.shard_paths:
+                self._files.append(SafetensorsFile(p))
+            for f in self._files:
+                for name in f.keys():
+                    if name in self._where:
+                        raise SagekitError(f"tensor '{name}' appears in two shards ({self._where[name].path.name}, "
+                                           f"{f.path.name}): the checkpoint is inconsistent")
+                    self._where[name] = f
+            self._check_tensors()
+        except BaseException:
+            self.close()
+            raise
 
-    def _check_dense(self) -> None:
-        expected = self.config.expected_shapes()
-        for name, shape in expected.items():
+    def _check_tensors(self) -> None:
+        """Every tensor config.json implies is there with its shape, or, packed, recorded with that shape.
+
+        A packed folder without a modules table is left to sagekit.io.packed, which names what it lacks.
+        """
+        modules = {} if self.quantization is None else self.quantization.get("modules")
+        if not isinstance(modules, dict):
+            return
+        for name, shape in self.config.expected_shapes().items():
+            prefix = name.removesuffix(".weight")
+            if prefix in modules:
+                info = modules[prefix]
+                if not isinstance(info, dict) or not isinstance(info.get("method"), str):
+                    raise SagekitError(f"{self.path}: packed module {prefix} names no method in quantization_config "
+                                       "(corrupt folder); compress the model again")
+                recorded = info.get("shape")
+                if recorded != list(shape):
+                    raise SagekitError(f"{self.path}: packed module {prefix} records shape {recorded} but config.json "
+                                       f"implies {list(shape)} (corrupt folder); compress the model again")
+                continue
             if name not in self._where:
                 hint = " (set tie_word_embeddings in config.json?)" if name == "lm_head.weight" else ""
                 raise SagekitError(f"{self.path}: tensor '{name}' is missing{hint}")
@@ -92,7 +122,14 @@ class Checkpoint:
         return self._where[name]
 
     def float32(self, name: str) -> np.ndarray:
-        return self.file_of(name).float32(name)
+        """A float tensor as float32. NaN or Inf is refused here: no forward pass recovers from one."""
+        w = self.file_of(name).float32(name)
+        with np.errstate(invalid="ignore"):  # inf - inf: NaN, which is the answer wanted
+            finite = np.isfinite(np.sum(w, dtype=np.float64))  # float64 cannot overflow on finite float32 values
+        if not finite:
+            raise SagekitError(f"{self.path}: tensor '{name}' holds NaN or Inf values: the checkpoint is damaged; "
+                               "fetch it again")
+        return w
 
     def raw(self, name: str) -> np.ndarray:
         return self.file_of(name).raw(name)

@@ -8,6 +8,7 @@ memory-maps the file, so one tensor at a time is touched and the whole file neve
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -36,6 +37,10 @@ _NAMES = {v: k for k, v in DTYPES.items() if k != "BF16"}
 MAX_HEADER = 100 * 1024 * 1024
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     """bfloat16 is the top half of a float32: widen by shifting the bits."""
     return (raw.astype(np.uint32) << 16).view(np.float32)
@@ -57,7 +62,13 @@ class SafetensorsFile:
             self._fh = open(self.path, "rb")
         except OSError as e:
             raise SagekitError(f"cannot open {self.path}: {e.strerror}") from None
-        size = os.fstat(self._fh.fileno()).st_size
+        try:
+            self._parse(os.fstat(self._fh.fileno()).st_size)
+        except BaseException:  # a bad file must not leak its handle (nor block deleting it on Windows)
+            self._fh.close()
+            raise
+
+    def _parse(self, size: int) -> None:
         bad = f"{self.path} is not a valid safetensors file"
         if size < 8:
             raise SagekitError(f"{bad}: only {size} bytes (truncated download? fetch it again)")
@@ -66,25 +77,29 @@ class SafetensorsFile:
             raise SagekitError(f"{bad}: header length {n} does not fit in a {size}-byte file (truncated or corrupt)")
         try:
             header = json.loads(self._fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # bad JSON or UTF-8, a huge integer, absurdly deep nesting
             raise SagekitError(f"{bad}: its header is not valid JSON (corrupt file)") from None
         if not isinstance(header, dict):
             raise SagekitError(f"{bad}: its header is not a JSON object (corrupt file)")
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise SagekitError(f"{bad}: its __metadata__ is not a table of strings (corrupt header)")
+        self.metadata: dict[str, str] = metadata
         self._data_start = 8 + n
         data_len = size - self._data_start
         self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         for name, e in header.items():
-            try:
-                dtype, shape, (begin, end) = e["dtype"], tuple(int(s) for s in e["shape"]), e["data_offsets"]
-                begin, end = int(begin), int(end)
-            except (KeyError, TypeError, ValueError):
-                raise SagekitError(f"{bad}: entry '{name}' is malformed (corrupt header)") from None
-            if dtype not in DTYPES:
+            e = e if isinstance(e, dict) else {}
+            dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+            if not (isinstance(shape, list) and all(_is_int(s) for s in shape)
+                    and isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+                raise SagekitError(f"{bad}: entry '{name}' is malformed (corrupt header)")
+            if not isinstance(dtype, str) or dtype not in DTYPES:
                 raise SagekitError(f"{self.path}: tensor '{name}' has unsupported dtype {dtype}")
             if any(s < 0 for s in shape):
                 raise SagekitError(f"{bad}: tensor '{name}' has a negative dimension")
-            want = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+            shape, (begin, end) = tuple(shape), offsets
+            want = math.prod(shape) * DTYPES[dtype].itemsize  # Python ints: a lying shape cannot overflow
             if not 0 <= begin <= end or end - begin != want:
                 raise SagekitError(f"{bad}: tensor '{name}' offsets [{begin}, {end}) do not match its shape {shape}")
             if end > data_len:
@@ -93,7 +108,7 @@ class SafetensorsFile:
                     "(truncated download? fetch it again)"
                 )
             self._entries[name] = (dtype, shape, begin, end)
-        self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
+        self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -128,8 +143,7 @@ class SafetensorsFile:
         return raw.astype(np.float32)
 
     def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
+        self._map.close()
         self._fh.close()
 
     def __enter__(self) -> SafetensorsFile:

@@ -18,6 +18,52 @@ REQUIRED_KEYS = (
     "num_attention_heads",
     "vocab_size",
 )
+MAX_LAYERS = 1024  # far above any Llama; a corrupt count must not make expected_shapes() loop for ever
+MAX_SIZE = 2 ** 31 - 1
+
+
+def _int(cfg: dict[str, Any], key: str, default: int | None = None, limit: int = MAX_SIZE) -> int:
+    """A positive integer setting (null or absent: the default). Corrupt values must fail here, by name,
+    not later as a ZeroDivisionError or a shape error half way through loading."""
+    v = default if cfg.get(key) is None else cfg[key]
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
+        raise SagekitError(f"config.json: {key} must be an integer from 1 to {limit}, not {v!r}")
+    return v
+
+
+def _float(cfg: dict[str, Any], key: str, default: float | None, where: str = "") -> float:
+    """A positive finite number setting (absent: the default)."""
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+        raise SagekitError(f"config.json: {where}{key} must be a positive number, not {v!r}")
+    return float(v)
+
+
+def _token_ids(cfg: dict[str, Any], key: str) -> tuple[int, ...]:
+    v = cfg.get(key)
+    ids = v if isinstance(v, list) else [] if v is None else [v]
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        raise SagekitError(f"config.json: {key} must be a token id or a list of them, not {v!r}")
+    return tuple(ids)
+
+
+def _check_rope_scaling(scaling: Any) -> None:
+    if not isinstance(scaling, dict):
+        raise SagekitError(f"config.json: rope_scaling must be an object, not {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ("llama3", "linear", "default"):
+        raise SagekitError(f"config.json: rope_scaling type '{kind}' is not supported (llama3, linear)")
+    if kind == "default":
+        return
+    _float(scaling, "factor", None, "rope_scaling.")
+    if kind == "llama3":
+        low = _float(scaling, "low_freq_factor", 1.0, "rope_scaling.")
+        high = _float(scaling, "high_freq_factor", 4.0, "rope_scaling.")
+        _float(scaling, "original_max_position_embeddings", 8192.0, "rope_scaling.")
+        if low >= high:  # rope_inv_freq divides by their difference
+            raise SagekitError(f"config.json: rope_scaling low_freq_factor {low} must be below high_freq_factor {high}")
 
 
 @dataclass(frozen=True)
@@ -40,6 +86,8 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> LlamaConfig:
+        if not isinstance(cfg, dict):
+            raise SagekitError("config.json is not a JSON object: re-export the model's config.json")
         model_type = cfg.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise SagekitError(
@@ -49,36 +97,36 @@ class LlamaConfig:
         missing = [k for k in REQUIRED_KEYS if k not in cfg]
         if missing:
             raise SagekitError(f"config.json is missing {', '.join(missing)}: it is not a complete Llama config")
-        n_heads = int(cfg["num_attention_heads"])
-        n_kv = int(cfg.get("num_key_value_heads") or n_heads)
-        dim = int(cfg["hidden_size"])
-        head_dim = int(cfg.get("head_dim") or dim // n_heads)
+        n_heads = _int(cfg, "num_attention_heads")
+        n_kv = _int(cfg, "num_key_value_heads", n_heads)
+        dim = _int(cfg, "hidden_size")
+        head_dim = _int(cfg, "head_dim", dim // n_heads)
         if n_heads % n_kv:
             raise SagekitError(f"config.json: {n_heads} attention heads is not a multiple of {n_kv} KV heads")
         if head_dim % 2:
             raise SagekitError(f"config.json: head_dim {head_dim} is odd; RoPE needs an even head size")
         scaling = cfg.get("rope_scaling")
         if scaling is not None:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind not in ("llama3", "linear", "default"):
-                raise SagekitError(f"config.json: rope_scaling type '{kind}' is not supported (llama3, linear)")
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+            _check_rope_scaling(scaling)
+        tie = cfg.get("tie_word_embeddings")
+        if tie is not None and not isinstance(tie, bool):
+            raise SagekitError(f"config.json: tie_word_embeddings must be true or false, not {tie!r}")
+        bos = _token_ids(cfg, "bos_token_id")
         return cls(
             dim=dim,
-            hidden_dim=int(cfg["intermediate_size"]),
-            n_layers=int(cfg["num_hidden_layers"]),
+            hidden_dim=_int(cfg, "intermediate_size"),
+            n_layers=_int(cfg, "num_hidden_layers", limit=MAX_LAYERS),
             n_heads=n_heads,
             n_kv_heads=n_kv,
-            vocab_size=int(cfg["vocab_size"]),
+            vocab_size=_int(cfg, "vocab_size"),
             head_dim=head_dim,
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            norm_eps=_float(cfg, "rms_norm_eps", 1e-5),
+            rope_theta=_float(cfg, "rope_theta", 10000.0),
             rope_scaling=scaling,
-            max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos_ids,
+            max_seq_len=_int(cfg, "max_position_embeddings", 2048),
+            tie_embeddings=bool(tie),
+            bos_token_id=bos[0] if len(bos) == 1 else None,
+            eos_token_ids=_token_ids(cfg, "eos_token_id"),
             raw=cfg,
         )
 
@@ -88,8 +136,10 @@ class LlamaConfig:
             return cls.from_hf(json.loads(path.read_text()))
         except FileNotFoundError:
             raise SagekitError(f"{path} not found: a model needs its config.json beside the weights") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, or absurdly deep nesting
             raise SagekitError(f"{path} is not valid JSON ({e}); re-export the model's config.json") from None
+        except OSError as e:
+            raise SagekitError(f"cannot read {path}: {e.strerror}") from None
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor a checkpoint must hold, with its HF name and shape."""
