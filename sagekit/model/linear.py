@@ -34,22 +34,25 @@ class DenseLinear:
 
 
 class SageLinear:
-    """A SAGE-packed weight. Until the packed kernels take over, it unpacks itself for the one call only,
-    so the model never holds more than one dense layer at a time."""
+    """A SAGE-packed weight run by the packed kernels (Numba on CPU, CUDA on GPU); never made dense.
+
+    The planes are re-laid for the kernel once, at load time.
+    """
 
     def __init__(self, packed: Any, backend: Any):
-        self.packed, self.backend = packed, backend
+        self.backend, self.nbytes = backend, int(packed.nbytes)
         self.out_features, self.in_features = packed.shape
+        if backend.is_gpu:
+            from sagekit.kernels import cuda
+
+            self._weights, self._matmul = cuda.to_device(packed), cuda.sage_matmul_gpu
+        else:
+            from sagekit.kernels import cpu
+
+            self._weights, self._matmul = cpu.prepare(packed), cpu.sage_matmul
 
     def __call__(self, x: Any) -> Any:
-        from sagekit.quant.pack import unpack_sage
-
-        w = self.backend.asarray(unpack_sage(self.packed))
-        return x @ w.T
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.packed.nbytes)
+        return self._matmul(x, self._weights)
 
 
 class DequantLinear:

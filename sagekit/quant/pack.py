@@ -63,6 +63,9 @@ class PackedSage:
     def arrays(self) -> dict[str, np.ndarray]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "shape"}
 
+    def unpack(self) -> np.ndarray:
+        return unpack_sage(self)
+
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], shape: tuple[int, int]) -> PackedSage:
         """Build from stored tensors, checking everything a kernel relies on (the file may be hostile)."""
