@@ -205,8 +205,6 @@ def _small_vocab(m: Path) -> None:
     _config(m, vocab_size=200)
 
 
-@pytest.mark.xfail(strict=True, reason="IndexError: needs the token-id check in sagekit/model/llama.py "
-                                       "(Llama.embed_tokens) reported on issue #6")
 def test_tokens_outside_the_model_vocabulary(src, tmp_path):
     _small_vocab(src)
     assert "vocabulary" in cli_error(["generate", src, "--prompt", "\u00ff hello", "-n", "2"])
@@ -215,7 +213,5 @@ def test_tokens_outside_the_model_vocabulary(src, tmp_path):
     assert "vocabulary" in cli_error(["eval", src, "--text", text, "--seqlen", "16"])
 
 
-@pytest.mark.xfail(strict=True, reason="IsADirectoryError: needs `except OSError` in "
-                                       "sagekit/eval/perplexity.py read_text, reported on issue #6")
 def test_eval_text_that_is_a_folder(src, tmp_path):
     assert "cannot read" in cli_error(["eval", src, "--text", tmp_path, "--seqlen", "16"])

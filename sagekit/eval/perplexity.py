@@ -40,6 +40,8 @@ def read_text(path: Path) -> str:
         raise SagekitError(f"text file {path} does not exist") from None
     except UnicodeDecodeError as e:
         raise SagekitError(f"{path} is not UTF-8 text (byte {e.start}): convert it first") from None
+    except OSError as e:
+        raise SagekitError(f"cannot read {path}: {e.strerror}") from None
 
 
 def windows(ids: np.ndarray, seqlen: int, max_windows: int | None) -> np.ndarray:
