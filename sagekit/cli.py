@@ -210,7 +210,8 @@ def import_gguf_cmd(
 def compress(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP.replace("or a sagekit compressed folder", "")),
     out_dir: Path = typer.Argument(Path("sagekit-out"), help="Folder to create for the packed model."),
-    method: str = typer.Option("sage", help="Quantisation method: sage (SAGE-PTQ)."),
+    method: str = typer.Option("sage", help="Quantisation method: sage (SAGE-PTQ), or a baseline: rtn, q1, "
+                               "billm, pbllm (billm and pbllm need --calib)."),
     salient_bits: int = typer.Option(4, min=2, max=8, help="Bits of each salient weight's correction."),
     max_salient: float = typer.Option(0.05, min=0.0, max=0.5, help="Largest salient fraction p the "
                                       "per-matrix threshold search may choose."),
@@ -228,10 +229,21 @@ def compress(
     skip: Optional[str] = typer.Option(None, help="Regex of linear names to keep in FP16, "
                                        "e.g. 'layers\\.0\\.|down_proj'."),
     workers: int = typer.Option(1, min=1, help="Processes quantising matrices in parallel (same output bytes)."),
+    calib: Optional[Path] = typer.Option(None, help="Calibration text for billm/pbllm (e.g. "
+                                         "../shared/data/wikitext2/wiki.valid.tokens); never the evaluation text."),
+    calib_samples: int = typer.Option(128, min=1, help="Random calibration windows drawn from --calib."),
+    calib_seqlen: int = typer.Option(2048, min=2, help="Tokens per calibration window."),
+    calib_seed: int = typer.Option(0, help="Seed of the calibration window offsets."),
+    pbllm_fraction: float = typer.Option(0.1, min=0.0, max=1.0, help="pbllm: fraction of weights kept as 8-bit "
+                                         "integers (the rest are binarised)."),
+    damp: float = typer.Option(0.01, min=0.0, help="billm/pbllm: damping added to the Hessian diagonal, as a "
+                               "fraction of its mean."),
+    device: str = typer.Option("auto", help=DEVICE_HELP + " Used by the calibration passes of billm/pbllm."),
     force: bool = typer.Option(False, help="Replace OUT_DIR if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json's totals as one JSON object on stdout."),
 ) -> None:
-    """Compress the decoder linear layers with SAGE-PTQ into a packed folder (report.json inside)."""
+    """Compress the decoder linear layers (SAGE-PTQ or a baseline) into a packed folder (report.json inside)."""
+    from sagekit.quant.calibration import CalibOptions
     from sagekit.quant.compress import CompressOptions
     from sagekit.quant.compress import compress as run
     from sagekit.quant.sage import SageKnobs
@@ -242,7 +254,10 @@ def compress(
         src = _resolve(model)
         knobs = SageKnobs(salient_bits=salient_bits, max_salient=max_salient, rate_penalty=rate_penalty,
                           group_select=group_select, n_sub=n_sub, knn=knn, max_groups=max_groups, seed=seed)
-        opts = CompressOptions(knobs=knobs, method=method, target_bpw=target_bpw, skip=skip, workers=workers)
+        baseline_knobs = {"billm": {"damp": damp}, "pbllm": {"fraction": pbllm_fraction, "damp": damp}}
+        calib_opts = CalibOptions(calib, calib_samples, calib_seqlen, calib_seed) if calib else None
+        opts = CompressOptions(knobs=knobs, method=method, target_bpw=target_bpw, skip=skip, workers=workers,
+                               baseline_knobs=baseline_knobs.get(method, {}), calib=calib_opts, device=device)
         with progress() as bar:
             task = None
 
@@ -279,9 +294,10 @@ def _summary_table(report: dict, out_dir: Path) -> Table:
         ("relative error (weighted mean)", f"{t['linear_rel_error']:.4f}"),
         ("file bytes", f"{t['file_bytes']:,} ({_fmt_bytes(t['file_bytes'])})"),
         ("FP16 bytes", f"{t['fp16_bytes']:,} ({_fmt_bytes(t['fp16_bytes'])})"),
-        ("rate penalty used", f"{report['rate_penalty_used']:.4g}"),
         ("seconds", f"{t['seconds']:.1f}"),
     ]
+    if report["rate_penalty_used"] is not None:  # sage only
+        rows.insert(-1, ("rate penalty used", f"{report['rate_penalty_used']:.4g}"))
     for k, v in rows:
         table.add_row(k, v)
     return table
@@ -343,3 +359,53 @@ def demo(
         for k, v in rows.items():
             table.add_row(k, *v)
         out.print(table)
+
+
+@app.command()
+def bench(
+    model: Optional[str] = typer.Argument(None, help="A compressed sagekit folder (its dense twin is its "
+                                          "dequantised weights). Omit and use --shape for random weights."),
+    shape: Optional[str] = typer.Option(None, help="Random packed weights of a real shape: llama2-7b, llama3-8b, "
+                                        "llama2-70b-layer, small, tiny (no compression needed)."),
+    layers: Optional[int] = typer.Option(None, min=1, help="With --shape: build only this many layers "
+                                         "(a dense 7B twin needs 26 GB in float32 on the CPU)."),
+    groups: int = typer.Option(1, min=1, max=8, help="With --shape: group count G of the random weights."),
+    salient: float = typer.Option(0.01, min=0.0, max=0.5, help="With --shape: salient fraction."),
+    decode_tokens: int = typer.Option(32, min=1, help="Decode steps timed."),
+    prefill_tokens: int = typer.Option(512, min=1, help="Prompt length of the timed prefill."),
+    repeats: int = typer.Option(20, min=1, help="Repeats per matrix timing (median reported)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Packed kernels vs a dense baseline in the same run: per-matrix GEMV and decode / prefill tokens/s."""
+    from sagekit.backend import get_backend
+    from sagekit.eval.speed import BENCH_SHAPES, load_pair, matrix_speed, model_speed, peak_bandwidth, random_pair
+
+    with _user_errors():
+        be = get_backend(device)
+        n = prefill_tokens + decode_tokens + 8
+        if (model is None) == (shape is None):
+            raise SagekitError("give either a compressed MODEL folder or --shape NAME")
+        if shape is not None and shape not in BENCH_SHAPES:
+            raise SagekitError(f"unknown --shape '{shape}': choose from {', '.join(sorted(BENCH_SHAPES))}")
+        pair = load_pair(Path(model), be, n) if model else random_pair(shape, be, n, layers, groups, salient)
+        matrices = matrix_speed(pair, repeats)
+        decode, prefill = model_speed(pair.packed, decode_tokens, prefill_tokens)
+        dense_decode, dense_prefill = model_speed(pair.dense, decode_tokens, prefill_tokens)
+        peak, peak_source = peak_bandwidth(be)
+        result = {"device": be.describe(), "model": model or shape, "peak_gbps": peak, "peak_source": peak_source,
+                  "matrices": matrices, "decode_tok_s": decode, "dense_decode_tok_s": dense_decode,
+                  "prefill_tok_s": prefill, "dense_prefill_tok_s": dense_prefill}
+        if json_out:
+            print(json.dumps(result))
+            return
+        t = Table("matrix", "shape", "packed ms", "dense ms", "speedup", "GB/s", "% peak",
+                  title=f"{result['model']} on {result['device']} (peak {peak:.0f} GB/s, {peak_source})")
+        for m in matrices:
+            t.add_row(m["name"], "x".join(map(str, m["shape"])), f"{m['ms']:.3f}", f"{m['dense_ms']:.3f}",
+                      f"{m['speedup']:.2f}x", f"{m['gbps']:.1f}", f"{100 * m['peak_fraction']:.1f}")
+        out.print(t)
+        out.print(f"decode  {decode:8.1f} tok/s packed  {dense_decode:8.1f} tok/s dense  "
+                  f"({decode / dense_decode:.2f}x)")
+        out.print(f"prefill {prefill:8.1f} tok/s packed  {dense_prefill:8.1f} tok/s dense  "
+                  f"({prefill / dense_prefill:.2f}x, {prefill_tokens} tokens)")

@@ -86,8 +86,16 @@ def is_packed(ckpt: Checkpoint, prefix: str) -> bool:
     return ckpt.quantization is not None and prefix in _modules(ckpt)
 
 
-def read_linear(ckpt: Checkpoint, prefix: str, backend: Backend) -> Linear:
-    from sagekit.model.linear import SageLinear
+def _baseline_layout(method: str) -> Any:
+    """The packed class of a baseline method (sagekit.quant.<method>), or None for an unknown method."""
+    from sagekit.quant import billm, pbllm, q1, rtn
+
+    return {"rtn": rtn.PackedRTN, "q1": q1.PackedQ1, "billm": billm.PackedBiLLM, "pbllm": pbllm.PackedPBLLM}.get(method)
+
+
+def read_linear(ckpt: Checkpoint, prefix: str, backend: Backend, kernels: bool = True) -> Linear:
+    """The Linear for one packed module; kernels=False dequantises on use instead (the reference path)."""
+    from sagekit.model.linear import DequantLinear, SageLinear
     from sagekit.quant.pack import PackedSage
 
     info = _modules(ckpt)[prefix]
@@ -96,11 +104,16 @@ def read_linear(ckpt: Checkpoint, prefix: str, backend: Backend) -> Linear:
         shape = (int(info["shape"][0]), int(info["shape"][1]))
     except (KeyError, TypeError, ValueError, IndexError):
         raise SagekitError(f"{ckpt.path}: module {prefix} has no valid shape in quantization_config") from None
-    if method != "sage":
+    layout = PackedSage if method == "sage" else _baseline_layout(method)
+    if layout is None:
         raise SagekitError(f"{ckpt.path}: module {prefix} uses method '{method}', unknown to this sagekit")
-    arrays = {f: np.array(ckpt.raw(f"{prefix}.{f}")) for f in SAGE_FIELDS}  # copies: the file map closes
+    if method == "sage":
+        fields = SAGE_FIELDS
+    else:  # baseline layouts may store optional fields: take every tensor of the module, from_arrays judges them
+        fields = tuple(n[len(prefix) + 1:] for n in ckpt.names() if n.startswith(prefix + "."))
+    arrays = {f: np.array(ckpt.raw(f"{prefix}.{f}")) for f in fields}  # copies: the file map closes
     try:
-        packed = PackedSage.from_arrays(arrays, shape)
+        packed = layout.from_arrays(arrays, shape)
     except ValueError as e:
         raise SagekitError(f"{ckpt.path}: packed weight {prefix} is corrupt ({e}); compress the model again") from None
-    return SageLinear(packed, backend)
+    return SageLinear(packed, backend) if method == "sage" and kernels else DequantLinear(packed, backend)

@@ -1,0 +1,136 @@
+"""Speed of packed inference next to a dense baseline measured in the same run.
+
+Per matrix: the packed GEMV (one token) against the dense GEMV of the same weight (NumPy float32 on CPU,
+CuPy float16 cuBLAS on GPU), with the GB/s the packed bytes are streamed at. Per model: decode and prefill
+tokens/s of the packed model and of the same model held dense.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from sagekit.backend import Backend
+from sagekit.io.synthetic import SHAPES, llama_config
+from sagekit.model.config import LlamaConfig
+from sagekit.model.linear import DenseLinear, Linear, SageLinear
+from sagekit.model.llama import Layer, Llama
+from sagekit.model.load import load_model
+from sagekit.quant.pack import random_packed
+
+BENCH_SHAPES = {**SHAPES, "llama2-70b-layer": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=1,
+                                                   num_attention_heads=64, num_key_value_heads=8, vocab_size=32000)}
+
+
+def _time(fn: Callable[[], Any], backend: Backend, repeats: int) -> float:
+    """Median seconds of fn over repeats, after one warm-up call."""
+    fn()
+    backend.synchronize()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        backend.synchronize()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def peak_bandwidth(backend: Backend) -> tuple[float, str]:
+    """Peak memory bandwidth in GB/s: the datasheet figure on a GPU, a measured large copy on the CPU."""
+    if backend.is_gpu:
+        props = backend.xp.cuda.runtime.getDeviceProperties(backend.xp.cuda.Device().id)
+        return 2 * props["memoryClockRate"] * 1e3 * props["memoryBusWidth"] / 8 / 1e9, "device datasheet"
+    a = np.ones(64 * 2 ** 20 // 4, dtype=np.float32)
+    b = np.empty_like(a)
+    t = _time(lambda: np.copyto(b, a), backend, 5)
+    return 2 * a.nbytes / t / 1e9, "measured 256 MiB copy (read + write)"
+
+
+@dataclass
+class ModelPair:
+    packed: Llama
+    dense: Llama
+
+
+def _densify(model: Llama, max_seq_len: int) -> Llama:
+    """The same model with every packed linear replaced by its dequantised dense weight."""
+    be = model.backend
+
+    def dense(lin: Linear) -> Linear:
+        return DenseLinear(be.asarray(lin.packed.unpack())) if hasattr(lin, "packed") else lin
+
+    layers = [Layer(L.attn_norm, dense(L.q), dense(L.k), dense(L.v), dense(L.o), L.ffn_norm, dense(L.gate),
+                    dense(L.up), dense(L.down)) for L in model.layers]
+    return Llama(model.config, be, model.embed, layers, model.norm, dense(model.lm_head), max_seq_len)
+
+
+def load_pair(path: Path, backend: Backend, max_seq_len: int) -> ModelPair:
+    """A compressed folder, run packed, and its dense twin (dequantised once, held dense)."""
+    ref = load_model(path, backend, max_seq_len, kernels=False)
+    return ModelPair(load_model(path, backend, max_seq_len), _densify(ref, max_seq_len))
+
+
+def random_pair(shape: str, backend: Backend, max_seq_len: int, layers: int | None, groups: int,
+                salient: float) -> ModelPair:
+    """Random packed weights of a named real shape (no compression needed) and their dense twin."""
+    overrides = dict(BENCH_SHAPES[shape])
+    if layers:
+        overrides["num_hidden_layers"] = layers
+    c = LlamaConfig.from_hf(llama_config(**overrides))
+    xp = backend.xp
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    shapes = [(q, c.dim), (kv, c.dim), (kv, c.dim), (c.dim, q), (c.hidden_dim, c.dim), (c.hidden_dim, c.dim),
+              (c.dim, c.hidden_dim)]
+    norm = xp.ones(c.dim, dtype=xp.float32)
+    embed = backend.asarray(0.02 * np.random.default_rng(0).standard_normal((c.vocab_size, c.dim), dtype=np.float32))
+    packed_layers, dense_layers = [], []
+    for i in range(c.n_layers):
+        mats = [random_packed(o, n, groups, salient, seed=7 * i + j) for j, (o, n) in enumerate(shapes)]
+        packed_layers.append(Layer(norm, *[SageLinear(m, backend) for m in mats[:4]], norm,
+                                   *[SageLinear(m, backend) for m in mats[4:]]))
+        dense_layers.append(Layer(norm, *[DenseLinear(backend.asarray(m.unpack())) for m in mats[:4]], norm,
+                                  *[DenseLinear(backend.asarray(m.unpack())) for m in mats[4:]]))
+    head = DenseLinear(embed)
+    return ModelPair(Llama(c, backend, embed, packed_layers, norm, head, max_seq_len),
+                     Llama(c, backend, embed, dense_layers, norm, head, max_seq_len))
+
+
+def matrix_speed(pair: ModelPair, repeats: int) -> list[dict[str, Any]]:
+    """GEMV time of each distinct linear shape of the first layer, packed next to dense."""
+    be, xp = pair.packed.backend, pair.packed.xp
+    peak, _ = peak_bandwidth(be)
+    out, seen = [], set()
+    dense_by_name = pair.dense.layers[0].linears()
+    for name, lin in pair.packed.layers[0].linears().items():
+        shape = (lin.out_features, lin.in_features)
+        if shape in seen:
+            continue
+        seen.add(shape)
+        x = be.asarray(np.random.default_rng(0).standard_normal((1, lin.in_features), dtype=np.float32))
+        ms = 1e3 * _time(lambda: lin(x), be, repeats)
+        dense_ms = 1e3 * _time(lambda: dense_by_name[name](x), be, repeats)
+        gbps = lin.nbytes / (ms / 1e3) / 1e9
+        out.append({"name": name, "shape": list(shape), "ms": ms, "dense_ms": dense_ms, "speedup": dense_ms / ms,
+                    "packed_bytes": lin.nbytes, "gbps": gbps, "peak_fraction": gbps / peak})
+    return out
+
+
+def model_speed(model: Llama, decode_tokens: int, prefill_tokens: int) -> tuple[float, float]:
+    """(decode tok/s, prefill tok/s) at batch 1: a prefill of prefill_tokens, then decode steps."""
+    be = model.backend
+    tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, prefill_tokens + decode_tokens)
+    model.forward(tokens[:8], 0)
+    be.synchronize()
+    t0 = time.perf_counter()
+    model.forward(tokens[:prefill_tokens], 0)
+    be.synchronize()
+    t1 = time.perf_counter()
+    for i in range(decode_tokens):
+        be.to_numpy(model.forward(tokens[prefill_tokens + i:prefill_tokens + i + 1], prefill_tokens + i,
+                                  last_only=True))
+    t2 = time.perf_counter()
+    return decode_tokens / (t2 - t1), prefill_tokens / (t1 - t0)

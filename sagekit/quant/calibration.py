@@ -1,0 +1,157 @@
+"""Calibration for the Hessian-based baselines: GPTQ's layer-by-layer pass over random windows of a text.
+
+The text is tokenised once (no BOS) with the model's tokenizer and `samples` windows of `seqlen` tokens are
+drawn at seeded random offsets. Layer i then runs on every window's hidden state with its linears wrapped in
+RecordingLinear, which accumulates H = 2/n sum x x^T of the inputs (q/k/v see one input and share one H, as
+do gate/up); its linears are quantised with their H, the quantised weights are swapped in, and the layer runs
+again to give layer i+1 its inputs. So every layer is calibrated on what the already quantised layers before
+it produce, as GPTQ does. Memory: one layer's weights and Hessians plus the (samples, seqlen, dim) float32
+hidden states. Never calibrate on the text you evaluate on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from sagekit.backend import Backend
+from sagekit.errors import SagekitError
+from sagekit.eval.perplexity import read_text
+from sagekit.io.checkpoint import Checkpoint
+from sagekit.model.linear import DenseLinear, Linear
+from sagekit.model.llama import Layer, Llama
+from sagekit.model.tokenizer import load_tokenizer
+
+# attribute of Layer -> HF suffix, and which linears share one input (hence one Hessian)
+ATTRS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+         "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+SHARED_INPUT = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up": "gate_up", "down": "down"}
+
+Quantizer = Callable[[str, np.ndarray, np.ndarray], tuple[Any, Any]]  # (name, weight, H) -> (packed, stats)
+
+
+@dataclass(frozen=True)
+class CalibOptions:
+    path: Path
+    samples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"calib": str(self.path), "calib_samples": self.samples, "calib_seqlen": self.seqlen,
+                "calib_seed": self.seed}
+
+
+def calibration_windows(folder: Path, opts: CalibOptions) -> np.ndarray:
+    """int64 (samples, seqlen): windows at seeded random offsets of the tokenised calibration text."""
+    if opts.samples < 1 or opts.seqlen < 2:
+        raise SagekitError("--calib-samples must be >= 1 and --calib-seqlen >= 2")
+    ids = np.asarray(load_tokenizer(folder).encode(read_text(Path(opts.path))).ids, dtype=np.int64)
+    if len(ids) < opts.seqlen:
+        raise SagekitError(f"{opts.path} has {len(ids)} tokens, fewer than one calibration window of "
+                           f"{opts.seqlen}: use a longer text or a smaller --calib-seqlen")
+    starts = np.random.default_rng(opts.seed).integers(0, len(ids) - opts.seqlen + 1, size=opts.samples)
+    return np.stack([ids[s:s + opts.seqlen] for s in starts])
+
+
+class HessianAccumulator:
+    """sum x^T x (float32, on the backend) over every row of every input seen; hessian() = 2/n of it.
+
+    q, k and v are called with the same array object, so an input identical to the previous one is skipped.
+    """
+
+    def __init__(self, xp: Any, dim: int):
+        self.xp, self.sum, self.rows, self.last = xp, xp.zeros((dim, dim), dtype=xp.float32), 0, None
+
+    def add(self, x: Any) -> None:
+        if x is self.last:
+            return
+        self.last = x
+        xf = x.astype(self.xp.float32)
+        self.sum += xf.T @ xf
+        self.rows += x.shape[0]
+
+    def hessian(self, backend: Backend) -> np.ndarray:
+        if self.rows == 0:
+            raise ValueError("no inputs were recorded")
+        return backend.to_numpy(self.sum * np.float32(2.0 / self.rows)).astype(np.float32)
+
+
+class RecordingLinear:
+    """A Linear that hands its input to an accumulator, then computes what the wrapped linear computes."""
+
+    def __init__(self, inner: Linear, acc: HessianAccumulator):
+        self.inner, self.acc = inner, acc
+        self.in_features, self.out_features = inner.in_features, inner.out_features
+
+    def __call__(self, x: Any) -> Any:
+        self.acc.add(x)
+        return self.inner(x)
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes
+
+
+def record_hessians(model: Llama, i: int, hidden: Any) -> dict[str, np.ndarray]:
+    """H of each of layer i's linears (by HF suffix) over the hidden states (windows, seqlen, dim) fed to it."""
+    layer = model.layers[i]
+    dims = {key: getattr(layer, attr).in_features for attr, key in SHARED_INPUT.items()}
+    accs = {key: HessianAccumulator(model.xp, dim) for key, dim in dims.items()}
+    model.layers[i] = dataclasses.replace(
+        layer, **{attr: RecordingLinear(getattr(layer, attr), accs[SHARED_INPUT[attr]]) for attr in ATTRS})
+    try:
+        for h in hidden:
+            model.block(i, h, 0)
+    finally:
+        model.layers[i] = layer
+    by_key = {key: acc.hessian(model.backend) for key, acc in accs.items()}
+    return {ATTRS[attr]: by_key[key] for attr, key in SHARED_INPUT.items()}
+
+
+def _dense_layer(ckpt: Checkpoint, i: int, backend: Backend) -> Layer:
+    p, xp = f"model.layers.{i}.", backend.xp
+    lin = {attr: DenseLinear(backend.asarray(ckpt.float32(p + suffix + ".weight"))) for attr, suffix in ATTRS.items()}
+    return Layer(attn_norm=xp.asarray(ckpt.float32(p + "input_layernorm.weight"), dtype=xp.float32),
+                 ffn_norm=xp.asarray(ckpt.float32(p + "post_attention_layernorm.weight"), dtype=xp.float32), **lin)
+
+
+class LayerwiseCalibration:
+    """Runs the pass over a dense checkpoint one layer at a time; `forward_seconds` is the time spent in the model."""
+
+    def __init__(self, ckpt: Checkpoint, backend: Backend, windows: np.ndarray):
+        self.ckpt, self.backend, self.windows = ckpt, backend, windows
+        self.forward_seconds = 0.0
+
+    def run(self, names: set[str], read: Callable[[str], np.ndarray], quantize: Quantizer) -> Iterator[tuple[Any, Any]]:
+        """(packed, stats) of each linear in `names`, in model order; the others stay dense in the pass."""
+        ckpt, backend, xp, cfg = self.ckpt, self.backend, self.backend.xp, self.ckpt.config
+        embed = backend.asarray(ckpt.float32("model.embed_tokens.weight"))
+        norm = xp.asarray(ckpt.float32("model.norm.weight"), dtype=xp.float32)
+        # layers are loaded as they are reached and dropped when done; the head is never run here
+        model = Llama(cfg, backend, embed, [None] * cfg.n_layers, norm, DenseLinear(embed), self.windows.shape[1])
+        t0 = time.perf_counter()
+        hidden = xp.stack([model.embed_tokens(w) for w in self.windows])
+        self.forward_seconds += time.perf_counter() - t0
+        for i in range(cfg.n_layers):
+            model.layers[i] = layer = _dense_layer(ckpt, i, backend)
+            t0 = time.perf_counter()
+            hessians = record_hessians(model, i, hidden)
+            self.forward_seconds += time.perf_counter() - t0
+            for attr, suffix in ATTRS.items():
+                name = f"model.layers.{i}.{suffix}"
+                if name in names:
+                    packed, stats = quantize(name, read(name), hessians[suffix])
+                    setattr(layer, attr, DenseLinear(backend.asarray(packed.unpack())))  # = DequantLinear's weight
+                    yield packed, stats
+            del hessians
+            t0 = time.perf_counter()
+            for j in range(len(hidden)):
+                hidden[j] = model.block(i, hidden[j], 0)
+            self.forward_seconds += time.perf_counter() - t0
+            model.layers[i] = None

@@ -1,0 +1,166 @@
+"""Calibration: seeded windows, layer Hessians equal to those of the recorded inputs, KL against a reference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from sagekit.backend import get_backend
+from sagekit.cli import app
+from sagekit.errors import SagekitError
+from sagekit.io.checkpoint import Checkpoint
+from sagekit.io.synthetic import write_random_checkpoint
+from sagekit.model.linear import DequantLinear
+from sagekit.model.load import load_model
+from sagekit.model.tokenizer import load_tokenizer
+from sagekit.quant import rtn
+from sagekit.quant.calibration import ATTRS, CalibOptions, LayerwiseCalibration, calibration_windows
+from sagekit.quant.compress import linear_names
+
+from conftest import tiny_config
+from test_baselines import calibration_text
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_src(tmp_path_factory) -> Path:
+    return write_random_checkpoint(tmp_path_factory.mktemp("src") / "m", tiny_config(), seed=3, std=0.05)
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory) -> Path:
+    return calibration_text(tmp_path_factory.mktemp("calib") / "calib.txt", seed=1)
+
+
+def test_windows_are_seeded_slices_of_the_tokenised_text(tiny_src, calib_file):
+    ids = np.asarray(load_tokenizer(tiny_src).encode(calib_file.read_text()).ids)
+    a = calibration_windows(tiny_src, CalibOptions(calib_file, samples=5, seqlen=40, seed=0))
+    b = calibration_windows(tiny_src, CalibOptions(calib_file, samples=5, seqlen=40, seed=0))
+    c = calibration_windows(tiny_src, CalibOptions(calib_file, samples=5, seqlen=40, seed=1))
+    assert a.shape == (5, 40) and a.dtype == np.int64
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    text = ids.tobytes()
+    for w in a:  # each window is a contiguous run of the text's tokens
+        assert w.tobytes() in text
+
+
+def test_too_short_calibration_text_is_refused(tiny_src, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("only a few tokens")
+    with pytest.raises(SagekitError, match="--calib-seqlen"):
+        calibration_windows(tiny_src, CalibOptions(short, samples=2, seqlen=64))
+
+
+class Capture:
+    """A linear that keeps a float64 copy of every input it is given (independent of HessianAccumulator)."""
+
+    def __init__(self, inner, store: list):
+        self.inner, self.store = inner, store
+        self.in_features, self.out_features = inner.in_features, inner.out_features
+
+    def __call__(self, x):
+        self.store.append(np.array(x, dtype=np.float64))
+        return self.inner(x)
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes
+
+
+def recorded_hessians(model, layer: int, windows: np.ndarray) -> dict[str, np.ndarray]:
+    """2/n sum x x^T of every input each linear of `layer` sees while the model runs the windows."""
+    inputs = {suffix: [] for suffix in ATTRS.values()}
+    L = model.layers[layer]
+    originals = {attr: getattr(L, attr) for attr in ATTRS}
+    for attr, suffix in ATTRS.items():
+        setattr(L, attr, Capture(originals[attr], inputs[suffix]))
+    for w in windows:
+        model.forward(w, 0)
+    for attr, lin in originals.items():
+        setattr(L, attr, lin)
+    out = {}
+    for suffix, xs in inputs.items():
+        x = np.concatenate(xs)
+        out[suffix] = 2.0 / len(x) * x.T @ x
+    return out
+
+
+def test_layer_hessians_equal_those_of_the_inputs_the_quantised_model_feeds(tiny_src, calib_file):
+    be = get_backend("cpu")
+    windows = calibration_windows(tiny_src, CalibOptions(calib_file, samples=3, seqlen=32, seed=0))
+    seen, packed = {}, {}
+
+    def quantize(name: str, w: np.ndarray, h: np.ndarray):
+        seen[name] = h
+        packed[name], stats = rtn.quantize(w, None, name)
+        return packed[name], stats
+
+    names, _ = linear_names(2, None)
+    with Checkpoint(tiny_src) as ckpt:
+        out = list(LayerwiseCalibration(ckpt, be, windows).run(set(names), lambda n: ckpt.float32(n + ".weight"),
+                                                               quantize))
+    assert [s.name for _, s in out] == names
+
+    dense = load_model(tiny_src, be, 32)
+    reference = {i: recorded_hessians(dense, i, windows) for i in (0, 1)}
+    model = load_model(tiny_src, be, 32)  # layer 0 quantised as the pass quantised it: layer 1's true inputs
+    for attr, suffix in ATTRS.items():
+        setattr(model.layers[0], attr, DequantLinear(packed[f"model.layers.0.{suffix}"], be))
+    expected = {0: reference[0], 1: recorded_hessians(model, 1, windows)}
+    for i in (0, 1):
+        for suffix, h in expected[i].items():
+            got = seen[f"model.layers.{i}.{suffix}"]
+            assert got.dtype == np.float32 and got.shape == h.shape
+            np.testing.assert_allclose(got, h, rtol=1e-4, atol=1e-5 * np.abs(h).max())
+    # layer 1 must see the quantised layer 0, not the dense one
+    h_dense = reference[1]["mlp.down_proj"]
+    assert not np.allclose(seen["model.layers.1.mlp.down_proj"], h_dense, rtol=1e-2, atol=1e-3 * np.abs(h_dense).max())
+
+
+def test_q_k_v_and_gate_up_share_one_hessian(tiny_src, calib_file):
+    be = get_backend("cpu")
+    windows = calibration_windows(tiny_src, CalibOptions(calib_file, samples=2, seqlen=16))
+    seen = {}
+
+    def quantize(name, w, h):
+        seen[name] = h
+        return rtn.quantize(w, None, name)
+
+    with Checkpoint(tiny_src) as ckpt:
+        list(LayerwiseCalibration(ckpt, be, windows).run({f"model.layers.0.{s}" for s in ATTRS.values()},
+                                                         lambda n: ckpt.float32(n + ".weight"), quantize))
+    p = "model.layers.0."
+    assert seen[p + "self_attn.q_proj"] is seen[p + "self_attn.k_proj"] is seen[p + "self_attn.v_proj"]
+    assert seen[p + "mlp.gate_proj"] is seen[p + "mlp.up_proj"]
+    assert seen[p + "mlp.down_proj"].shape == (160, 160)
+
+
+def test_calibrated_compress_is_deterministic(tiny_src, calib_file, tmp_path):
+    outs = []
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        out = tmp_path / name
+        r = runner.invoke(app, ["compress", str(tiny_src), str(out), "--method", "pbllm", "--calib", str(calib_file),
+                                "--calib-samples", "3", "--calib-seqlen", "32", "--calib-seed", seed,
+                                "--device", "cpu"])
+        assert r.exit_code == 0, r.output
+        outs.append(b"".join(p.read_bytes() for p in sorted(out.glob("*.safetensors"))))
+    assert outs[0] == outs[1] != outs[2]
+    q = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
+    assert q["method"] == "pbllm" and q["calib_samples"] == 3 and q["knobs"] == {"fraction": 0.1, "damp": 0.01}
+
+
+def test_kl_of_a_model_against_itself_is_zero(tiny_src, tmp_path):
+    text = tmp_path / "t.txt"
+    calibration_text(text, words=300, seed=4)
+    r = runner.invoke(app, ["eval", str(tiny_src), "--text", str(text), "--seqlen", "64", "--max-windows", "3",
+                            "--reference", str(tiny_src), "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["windows"] == 3
+    assert abs(result["kl"]) < 1e-9 and result["top1"] == 1.0
