@@ -182,12 +182,14 @@ def inspect(
         if bits:
             t = Table("matrix", "shape", "G", "salient %", "paper bits", "scale bits", "true bits",
                       title=f"{info['quantization']['method']} matrices (bits per weight from the stored bytes)")
+            fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
             for m in bits["matrices"]:
-                t.add_row(m["name"].removeprefix("model."), "x".join(map(str, m["shape"])), str(m["groups"]),
-                          f"{100 * m['salient_fraction']:.2f}", f"{m['paper_bits']:.3f}", f"{m['paper_scale_bits']:.4f}",
+                t.add_row(m["name"].removeprefix("model."), "x".join(map(str, m["shape"])), str(m.get("groups", "-")),
+                          fmt(m.get("salient_fraction") and 100 * m["salient_fraction"], ".2f"),
+                          fmt(m.get("paper_bits"), ".3f"), fmt(m.get("paper_scale_bits"), ".4f"),
                           f"{m['true_bits']:.3f}")
-            t.add_row("[bold]decoder linear total[/]", "", "", "", f"{bits['linear_paper_bits']:.3f}",
-                      f"{bits['linear_paper_scale_bits']:.4f}", f"{bits['linear_true_bpw']:.3f}")
+            t.add_row("[bold]decoder linear total[/]", "", "", "", fmt(bits["linear_paper_bits"], ".3f"),
+                      fmt(bits["linear_paper_scale_bits"], ".4f"), f"{bits['linear_true_bpw']:.3f}")
             t.add_row("[bold]whole file[/]", "", "", "", "", "", f"{bits['file_true_bpw']:.3f}")
             out.print(t)
 

@@ -23,9 +23,6 @@ from sagekit.quant.sage import SageKnobs
 from conftest import tiny_config
 
 NO_SCIPY = "import sys; sys.modules['scipy'] = None; from sagekit.cli import app; app()"
-BASELINE_GAPS = ("sagekit.io.packed._baseline_layout imports sagekit.quant.billm -> sagekit.quant.hessian -> "
-                 "scipy.linalg, and rtn/q1 -> sagekit.quant.sage (for MatrixStats) -> sagekit.quant.graph -> scipy; "
-                 "and sagekit.io.inspect.packed_bits reads sage fields (sal_idx) of every packed module")
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +41,7 @@ def _without_scipy(*args: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("kind", [
-    "dense",
-    "sage",
-    pytest.param("rtn", marks=pytest.mark.xfail(strict=True, reason=BASELINE_GAPS)),
-])
+@pytest.mark.parametrize("kind", ["dense", "sage", "rtn"])
 def test_runtime_commands_need_no_scipy(models, kind):
     model = str(models[kind])
     g = _without_scipy("generate", model, "--prompt", "The fox", "-n", "4", "--temperature", "0", "--json")

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from sagekit.io.checkpoint import Checkpoint
+from sagekit.io.packed import modules_of
 
 
 def tensor_group(name: str) -> str:
@@ -18,27 +19,31 @@ def tensor_group(name: str) -> str:
 
 
 def packed_bits(ckpt: Checkpoint) -> dict[str, Any]:
-    """Paper-style and true bits of every quantised matrix, computed from the bytes stored in the shards."""
+    """True bits of every quantised matrix from the bytes stored in the shards, whatever its method; the
+    paper-style bits of `sage` matrices from their salient count and scales (other methods: report.json)."""
     q = ckpt.quantization or {}
-    b = int(q.get("knobs", {}).get("salient_bits", 4))
+    b = int((q.get("knobs") or {}).get("salient_bits", 4))
     rows, n_all, bytes_all, paper_all, scale_all = [], 0, 0, 0.0, 0.0
-    for name, info in (q.get("modules") or {}).items():
+    for name, info in modules_of(ckpt).items():
         out, in_ = info["shape"]
         n = out * in_
-        stored = [t for t in ckpt.names() if t.startswith(name + ".")]
-        nbytes = sum(ckpt.file_of(t).nbytes(t) for t in stored)
-        nnz = int(np.prod(ckpt.file_of(name + ".sal_idx").shape(name + ".sal_idx")))
-        groups = int(np.prod(ckpt.file_of(name + ".alpha").shape(name + ".alpha")))
-        scales = groups + int(np.count_nonzero(ckpt.raw(name + ".sal_scale")))
-        paper, scale_bits = 1.0 + nnz / n * (b - 1), 16.0 * scales / n
-        rows.append({"name": name, "shape": [out, in_], "groups": groups, "salient_fraction": nnz / n,
-                     "paper_bits": paper, "paper_scale_bits": scale_bits, "true_bits": 8.0 * nbytes / n,
-                     "bytes": nbytes})
+        nbytes = sum(ckpt.file_of(t).nbytes(t) for t in ckpt.names() if t.startswith(name + "."))
+        row: dict[str, Any] = {"name": name, "method": info["method"], "shape": [out, in_],
+                               "true_bits": 8.0 * nbytes / n, "bytes": nbytes}
+        if info["method"] == "sage":
+            nnz = int(np.prod(ckpt.file_of(name + ".sal_idx").shape(name + ".sal_idx")))
+            groups = int(np.prod(ckpt.file_of(name + ".alpha").shape(name + ".alpha")))
+            scales = groups + int(np.count_nonzero(ckpt.raw(name + ".sal_scale")))
+            row |= {"groups": groups, "salient_fraction": nnz / n, "paper_bits": 1.0 + nnz / n * (b - 1),
+                    "paper_scale_bits": 16.0 * scales / n}
+            paper_all, scale_all = paper_all + row["paper_bits"] * n, scale_all + row["paper_scale_bits"] * n
+        rows.append(row)
         n_all, bytes_all = n_all + n, bytes_all + nbytes
-        paper_all, scale_all = paper_all + paper * n, scale_all + scale_bits * n
+    all_sage = all(r["method"] == "sage" for r in rows)
     return {"matrices": rows, "linear_weights": n_all, "linear_bytes": bytes_all,
-            "linear_true_bpw": 8.0 * bytes_all / max(n_all, 1), "linear_paper_bits": paper_all / max(n_all, 1),
-            "linear_paper_scale_bits": scale_all / max(n_all, 1)}
+            "linear_true_bpw": 8.0 * bytes_all / max(n_all, 1),
+            "linear_paper_bits": paper_all / max(n_all, 1) if all_sage else None,
+            "linear_paper_scale_bits": scale_all / max(n_all, 1) if all_sage else None}
 
 
 def inspect_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:

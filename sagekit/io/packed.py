@@ -68,7 +68,7 @@ def quantization_config(method: str, knobs: dict[str, Any], modules: dict[str, d
             "sagekit_version": __version__, **extra, "modules": modules}
 
 
-def _modules(ckpt: Checkpoint) -> dict[str, dict[str, Any]]:
+def modules_of(ckpt: Checkpoint) -> dict[str, dict[str, Any]]:
     q = ckpt.quantization or {}
     if q.get("quant_method") != QUANT_METHOD:
         raise SagekitError(f"{ckpt.path}: quantization method '{q.get('quant_method')}' is not supported "
@@ -83,14 +83,17 @@ def _modules(ckpt: Checkpoint) -> dict[str, dict[str, Any]]:
 
 
 def is_packed(ckpt: Checkpoint, prefix: str) -> bool:
-    return ckpt.quantization is not None and prefix in _modules(ckpt)
+    return ckpt.quantization is not None and prefix in modules_of(ckpt)
 
 
 def _baseline_layout(method: str) -> Any:
     """The packed class of a baseline method (sagekit.quant.<method>), or None for an unknown method."""
-    from sagekit.quant import billm, pbllm, q1, rtn
+    import importlib
 
-    return {"rtn": rtn.PackedRTN, "q1": q1.PackedQ1, "billm": billm.PackedBiLLM, "pbllm": pbllm.PackedPBLLM}.get(method)
+    layouts = {"rtn": "PackedRTN", "q1": "PackedQ1", "billm": "PackedBiLLM", "pbllm": "PackedPBLLM"}
+    if method not in layouts:
+        return None
+    return getattr(importlib.import_module(f"sagekit.quant.{method}"), layouts[method])
 
 
 def read_linear(ckpt: Checkpoint, prefix: str, backend: Backend, kernels: bool = True) -> Linear:
@@ -98,7 +101,7 @@ def read_linear(ckpt: Checkpoint, prefix: str, backend: Backend, kernels: bool =
     from sagekit.model.linear import DequantLinear, SageLinear
     from sagekit.quant.pack import PackedSage
 
-    info = _modules(ckpt)[prefix]
+    info = modules_of(ckpt)[prefix]
     method = info.get("method")
     try:
         shape = (int(info["shape"][0]), int(info["shape"][1]))

@@ -37,7 +37,7 @@ import numpy as np
 from sagekit.quant.hessian import compensate, inverse_hessian_factor
 from sagekit.quant.pack import n_words, pack_bits, unpack_bits
 from sagekit.quant.rtn import check_arrays, check_finite, check_padding, check_shape, matrix_stats, plus_minus
-from sagekit.quant.sage import MatrixStats
+from sagekit.quant.stats import MatrixStats
 
 BLOCK = 128
 MAX_COLS = 50  # BiLLM's up_lim: at most 49 salient columns per block

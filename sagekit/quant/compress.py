@@ -28,7 +28,8 @@ from sagekit.io.checkpoint import Checkpoint
 from sagekit.io.gguf_import import copy_tokenizer_files
 from sagekit.io.packed import ShardWriter, quantization_config
 from sagekit.quant.calibration import CalibOptions, LayerwiseCalibration, calibration_windows
-from sagekit.quant.sage import MatrixQuantizer, MatrixStats, SageKnobs, lambda_for_target
+from sagekit.quant.sage import MatrixQuantizer, SageKnobs, lambda_for_target
+from sagekit.quant.stats import MatrixStats
 
 LINEAR_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

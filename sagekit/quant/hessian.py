@@ -12,7 +12,14 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
-import scipy.linalg
+
+
+def linalg():
+    """scipy.linalg, imported on first use: only compression needs it, loading a packed folder must not."""
+    import scipy.linalg
+
+    return scipy.linalg
+
 
 DAMP_RETRIES = 6  # each retry raises the damping tenfold (from 1e-6 when none was asked for): H still gets a factor
 
@@ -33,9 +40,9 @@ def inverse_hessian_factor(h: np.ndarray, damp: float = 0.01) -> tuple[np.ndarra
         try:
             d = damp if attempt == 0 else max(damp, 1e-6) * 10.0 ** attempt
             hd = h + d * mean_diag * np.eye(len(h))
-            lower = scipy.linalg.cholesky(hd, lower=True)
-            hinv = scipy.linalg.cho_solve((lower, True), np.eye(len(h)))
-            return scipy.linalg.cholesky(hinv, lower=False).astype(np.float32), dead
+            lower = linalg().cholesky(hd, lower=True)
+            hinv = linalg().cho_solve((lower, True), np.eye(len(h)))
+            return linalg().cholesky(hinv, lower=False).astype(np.float32), dead
         except np.linalg.LinAlgError:
             continue
     raise ValueError("Hessian is not positive definite even with heavy damping (are the calibration inputs broken?)")
@@ -80,6 +87,6 @@ def compensate(w: np.ndarray, u: np.ndarray, quantize_block: Callable[[np.ndarra
         qb = quantize_block(w[:, st:ed], st)
         q[:, st:ed] = qb
         if propagate and ed < n:
-            err = scipy.linalg.solve_triangular(u[st:ed, st:ed], (w[:, st:ed] - qb).T, trans="T", lower=False).T
+            err = linalg().solve_triangular(u[st:ed, st:ed], (w[:, st:ed] - qb).T, trans="T", lower=False).T
             w[:, ed:] -= err.astype(np.float32) @ u[st:ed, ed:]
     return q

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sagekit.quant.pack import n_words, pack_bits, unpack_bits
-from sagekit.quant.sage import MatrixStats
+from sagekit.quant.stats import MatrixStats
 
 
 def check_shape(shape: tuple[int, int]) -> tuple[int, int]:

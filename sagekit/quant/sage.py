@@ -18,6 +18,7 @@ from sagekit.quant.dualmode import dual_error, prepare_dual, quantize_dual
 from sagekit.quant.graph import Grouping, group_magnitudes
 from sagekit.quant.pack import PackedSage, pack_sage, sage_nbytes
 from sagekit.quant.saliency import saliency_order, salient_mask
+from sagekit.quant.stats import MatrixStats
 from sagekit.quant.threshold import search_fraction
 
 CURVE_POINTS = 9  # salient fractions sampled per (matrix, G) to solve for the lambda of a bit target
@@ -36,21 +37,6 @@ class SageKnobs:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass
-class MatrixStats:
-    name: str
-    shape: tuple[int, int]
-    salient_fraction: float
-    groups: int
-    silhouette_groups: int
-    paper_bits: float
-    paper_scale_bits: float
-    true_bits: float
-    rel_error: float
-    seconds: float
-    nbytes: int
 
 
 def true_bits(shape: tuple[int, int], groups: int, p: float) -> float:
