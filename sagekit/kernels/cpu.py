@@ -372,6 +372,12 @@ def _lut_matmul(x, planes, beta, sal_ptr, sal_idx, sal_val, sal_scale, y, words,
                     y[t0 + t, r] = acc[t * nrow + r - b0 * ROWS] + sal_scale[r] * sal[t]
 
 
+
+# Small matrices (decode on narrow models) run serially: the same source compiled without a parallel
+# region, because waking the thread pool costs more than their whole product.
+_lut_matmul_serial = njit(cache=True, fastmath=True)(_lut_matmul.py_func)
+
+
 @njit(cache=True, parallel=True, fastmath=True)
 def _unpack_tile(planes, values, sal_ptr, sal_idx, sal_val, sal_scale, words, r0, tile):
     """Layout: planes as in SageCPU (2-D); tile (in, R) f32 = W_hat[r0 : r0+R].T, rows past `out` left as
@@ -417,14 +423,9 @@ def sage_matmul(x: np.ndarray, k: SageCPU | PackedSage) -> np.ndarray:
     if x.shape[0] >= BLAS_MIN_TOKENS and len(k.beta) >= 4:
         _blas_matmul(x, k, y)
         return y
-    threads = numba.get_num_threads()
-    serial = k.planes.size * 32 * x.shape[0] < PARALLEL_MIN_BITS and threads > 1
-    if serial:
-        numba.set_num_threads(1)
-    try:
-        salient = (k.sal_ptr, k.sal_idx, k.sal_val, k.sal_scale)
+    salient = (k.sal_ptr, k.sal_idx, k.sal_val, k.sal_scale)
+    if k.planes.size * 32 * x.shape[0] < PARALLEL_MIN_BITS:
+        _lut_matmul_serial(x, tuple(k.planes), k.beta, *salient, y, n_words(in_), 1)
+    else:
         _lut_matmul(x, tuple(k.planes), k.beta, *salient, y, n_words(in_), numba.get_num_threads())
-    finally:
-        if serial:
-            numba.set_num_threads(threads)
     return y
