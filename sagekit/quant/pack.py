@@ -134,7 +134,9 @@ def _ids_at_least(gid: np.ndarray, n_groups: int) -> np.ndarray:
     return ge | eq
 
 
-def _check_salient(ptr: np.ndarray, idx: np.ndarray, val: np.ndarray, in_: int) -> None:
+def check_csr(ptr: np.ndarray, idx: np.ndarray, in_: int) -> None:
+    """Per-row sparse positions as every reader relies on them: monotone row pointer, columns in range and
+    strictly ascending within a row (shared by every layout that stores salient positions this way)."""
     nnz = idx.shape[0]
     if ptr[0] != 0 or ptr[-1] != nnz or (np.diff(ptr) < 0).any():
         raise ValueError(f"sal_ptr: must rise monotonically from 0 to nnz = {nnz}")
@@ -142,8 +144,12 @@ def _check_salient(ptr: np.ndarray, idx: np.ndarray, val: np.ndarray, in_: int) 
         raise ValueError(f"sal_idx: column >= in = {in_}")
     row_start = np.zeros(nnz, dtype=bool)
     row_start[ptr[:-1][ptr[:-1] < nnz]] = True
-    if (np.diff(idx.astype(np.int32)) <= 0)[~row_start[1:]].any():
+    if (np.diff(idx.astype(np.int64)) <= 0)[~row_start[1:]].any():
         raise ValueError("sal_idx: columns not strictly ascending within a row")
+
+
+def _check_salient(ptr: np.ndarray, idx: np.ndarray, val: np.ndarray, in_: int) -> None:
+    check_csr(ptr, idx, in_)
     if (val == -128).any():
         raise ValueError("sal_val: -128 is outside the symmetric range")
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from sagekit.quant.hessian import compensate, gptq_columns, inverse_hessian_factor, saliency
-from sagekit.quant.pack import n_words, pack_bits, unpack_bits
+from sagekit.quant.pack import check_csr, n_words, pack_bits, unpack_bits
 from sagekit.quant.rtn import check_arrays, check_finite, check_padding, check_shape, matrix_stats, plus_minus
 from sagekit.quant.stats import MatrixStats
 
@@ -98,7 +98,7 @@ class PackedPBLLM:
             if int(unpack_bits(a["sal_mask"], in_).sum()) != nnz:
                 raise ValueError(f"sal_mask: number of set bits differs from the {nnz} values in sal_val")
         else:
-            _check_csr(a["sal_ptr"], a["sal_idx"], in_)
+            check_csr(a["sal_ptr"], a["sal_idx"], in_)
         check_finite("sal_scale", a["sal_scale"], nonnegative=True)
         check_finite("mean", a["mean"])
         check_finite("scale", a["scale"], nonnegative=True)
@@ -114,18 +114,6 @@ class PackedPBLLM:
         col = lambda a: a.astype(np.float32)[:, None]  # noqa: E731
         return _decode(salient, qint, sign, col(self.sal_scale), self.sal_zero[:, None], col(self.mean),
                        col(self.scale))
-
-
-def _check_csr(ptr: np.ndarray, idx: np.ndarray, in_: int) -> None:
-    nnz = idx.shape[0]
-    if ptr[0] != 0 or ptr[-1] != nnz or (np.diff(ptr) < 0).any():
-        raise ValueError(f"sal_ptr: must rise monotonically from 0 to nnz = {nnz}")
-    if nnz and int(idx.max()) >= in_:
-        raise ValueError(f"sal_idx: column >= in = {in_}")
-    row_start = np.zeros(nnz, dtype=bool)
-    row_start[ptr[:-1][ptr[:-1] < nnz]] = True
-    if (np.diff(idx.astype(np.int64)) <= 0)[~row_start[1:]].any():
-        raise ValueError("sal_idx: columns not strictly ascending within a row")
 
 
 def position_arrays(salient: np.ndarray) -> dict[str, np.ndarray]:
