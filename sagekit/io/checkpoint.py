@@ -7,6 +7,7 @@ with a message naming the problem, not half way through a long job.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +148,10 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """Copy every tokenizer file a model folder has, so a derived folder is usable on its own."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)

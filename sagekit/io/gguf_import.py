@@ -8,7 +8,6 @@ BPE tokenizer is rebuilt from the GGUF vocabulary and merges.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -132,10 +131,3 @@ def import_gguf(src: str | Path, out_dir: str | Path, force: bool = False) -> Pa
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False) + "\n")
     return out_dir
-
-
-def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    """Copy every tokenizer file a model folder has, so a derived folder is usable on its own."""
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)

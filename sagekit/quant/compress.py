@@ -24,8 +24,7 @@ import numpy as np
 
 from sagekit.errors import SagekitError
 from sagekit.io.atomic import atomic_folder, check_output_dir
-from sagekit.io.checkpoint import Checkpoint
-from sagekit.io.gguf_import import copy_tokenizer_files
+from sagekit.io.checkpoint import Checkpoint, copy_tokenizer_files
 from sagekit.io.packed import ShardWriter, quantization_config
 from sagekit.quant.calibration import CalibOptions, LayerwiseCalibration, calibration_windows
 from sagekit.quant.sage import MatrixQuantizer, SageKnobs, lambda_for_target
