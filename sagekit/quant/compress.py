@@ -27,7 +27,7 @@ from sagekit.io.atomic import atomic_folder, check_output_dir
 from sagekit.io.checkpoint import Checkpoint, copy_tokenizer_files
 from sagekit.io.packed import ShardWriter, quantization_config
 from sagekit.quant.calibration import CalibOptions, LayerwiseCalibration, calibration_windows
-from sagekit.quant.sage import MatrixQuantizer, SageKnobs, lambda_for_target
+from sagekit.quant.sage import CurvePoint, MatrixQuantizer, SageKnobs, curve_choice, lambda_for_target
 from sagekit.quant.stats import MatrixStats
 
 LINEAR_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -71,17 +71,17 @@ def _init_worker(src: str, threads: int | None) -> None:
     _worker["ckpt"] = Checkpoint(src)
 
 
-def _curve(args: tuple[str, SageKnobs]) -> tuple[int, list[tuple[float, float]]]:
+def _curve(args: tuple[str, SageKnobs]) -> tuple[int, list[CurvePoint]]:
     name, knobs = args
     w = _read(name)
     return w.size, MatrixQuantizer(w, knobs, matrix_seed(knobs.seed, name)).curve()
 
 
-def _quantize(args: tuple[str, SageKnobs, float]) -> tuple[dict[str, np.ndarray], MatrixStats]:
-    name, knobs, lam = args
+def _quantize(args: tuple[str, SageKnobs, float, int | None]) -> tuple[dict[str, np.ndarray], MatrixStats]:
+    name, knobs, lam, groups = args
     t0 = time.perf_counter()
     w = _read(name)
-    packed, stats = MatrixQuantizer(w, knobs, matrix_seed(knobs.seed, name)).quantize(lam, name, t0)
+    packed, stats = MatrixQuantizer(w, knobs, matrix_seed(knobs.seed, name)).quantize(lam, name, t0, groups)
     return packed.arrays(), stats
 
 
@@ -152,6 +152,7 @@ def compress(src: Path, out_dir: Path, opts: CompressOptions, force: bool = Fals
         names, skipped = linear_names(cfg.n_layers, opts.skip)
         knobs = opts.knobs
         lam = knobs.rate_penalty if opts.method == "sage" else None
+        groups: dict[str, int | None] = dict.fromkeys(names)
         if opts.target_bpw is not None:
             knobs = SageKnobs(**{**knobs.to_dict(), "group_select": "rate"})
             if on_start:
@@ -162,9 +163,10 @@ def compress(src: Path, out_dir: Path, opts: CompressOptions, force: bool = Fals
                 if on_step:
                     on_step(None)
             lam = lambda_for_target(curves, opts.target_bpw)
+            groups = {n: curve_choice(c, lam)[0] for n, (_, c) in zip(names, curves)}
         calib = None
         if opts.method == "sage":
-            results = _map(_quantize, [(n, knobs, lam) for n in names], src, opts.workers)
+            results = _map(_quantize, [(n, knobs, lam, groups[n]) for n in names], src, opts.workers)
         elif opts.method in CALIBRATED:
             from sagekit.backend import get_backend
 

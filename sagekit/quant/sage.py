@@ -22,6 +22,7 @@ from sagekit.quant.stats import MatrixStats
 from sagekit.quant.threshold import search_fraction
 
 CURVE_POINTS = 9  # salient fractions sampled per (matrix, G) to solve for the lambda of a bit target
+CurvePoint = tuple[int, float, float]  # (G, relative error, true bits)
 
 
 @dataclass(frozen=True)
@@ -67,23 +68,28 @@ class MatrixQuantizer:
     def error(self, p: float, groups: int) -> float:
         return dual_error(self.prep, p, self.grouping.boundaries[groups], self.knobs.salient_bits)
 
-    def curve(self) -> list[tuple[float, float]]:
-        """(error, true bits) at a grid of (G, p): enough to solve for the model-wide lambda of a target."""
+    def curve(self) -> list[CurvePoint]:
+        """(G, error, true bits) at a grid of (G, p): enough to solve for the model-wide lambda of a target."""
         ps = np.linspace(0.0, self.knobs.max_salient, CURVE_POINTS)
-        return [(self.error(p, g), true_bits(self.shape, g, p)) for g in self.groups for p in ps]
+        return [(g, self.error(p, g), true_bits(self.shape, g, p)) for g in self.groups for p in ps]
 
-    def choose(self, lam: float) -> tuple[int, float]:
-        """(G, p) minimising relative_error + lam * true_bits, p by bounded Brent per candidate G."""
+    def choose(self, lam: float, groups: int | None = None) -> tuple[int, float]:
+        """(G, p) minimising relative_error + lam * true_bits, p by bounded Brent per candidate G.
+
+        `groups` pins G (the one the lambda solve picked on the curve): Brent then only refines p, so the
+        final choice cannot jump to a G whose bits the solve never counted.
+        """
         best = None
-        for g in self.groups:
+        for g in (self.groups if groups is None else [groups]):
             p, val = search_fraction(lambda p: self.error(p, g) + lam * true_bits(self.shape, g, p),
                                      self.knobs.max_salient)
             if best is None or val < best[2]:
                 best = (g, p, val)
         return best[0], best[1]
 
-    def quantize(self, lam: float, name: str, t0: float) -> tuple[PackedSage, MatrixStats]:
-        g, p = self.choose(lam)
+    def quantize(self, lam: float, name: str, t0: float,
+                 groups: int | None = None) -> tuple[PackedSage, MatrixStats]:
+        g, p = self.choose(lam, groups)
         mask = salient_mask(self.order, self.shape, p)
         d = quantize_dual(self.w, mask, self.grouping.boundaries[g], self.knobs.salient_bits)
         packed = pack_sage(d.sign, d.gid, d.alpha, d.sal_ptr, d.sal_idx, d.sal_val, d.sal_scale)
@@ -98,14 +104,19 @@ class MatrixQuantizer:
         return packed, stats
 
 
-def lambda_for_target(curves: list[tuple[int, list[tuple[float, float]]]], target_bpw: float) -> float:
+def curve_choice(curve: list[CurvePoint], lam: float) -> CurvePoint:
+    """The sampled (G, error, bits) point minimising error + lam * bits."""
+    return min(curve, key=lambda c: c[1] + lam * c[2])
+
+
+def lambda_for_target(curves: list[tuple[int, list[CurvePoint]]], target_bpw: float) -> float:
     """The one lambda whose per-matrix choices on the sampled curves land the weighted mean bits on target.
 
-    curves: (weights in the matrix, [(error, bits), ...]) per matrix. Bits fall as lambda grows, so bisect
-    on log lambda.
+    curves: (weights in the matrix, its curve) per matrix. Bits fall as lambda grows, so bisect on log
+    lambda.
     """
     def bpw(lam: float) -> float:
-        total = sum(n * min(c, key=lambda eb: eb[0] + lam * eb[1])[1] for n, c in curves)
+        total = sum(n * curve_choice(c, lam)[2] for n, c in curves)
         return total / sum(n for n, _ in curves)
 
     lo, hi = 1e-7, 10.0
