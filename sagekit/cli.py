@@ -275,7 +275,10 @@ def compress(
                         f"G={st.groups} paper {st.paper_bits:.3f} true {st.true_bits:.3f} bpw "
                         f"err {st.rel_error:.4f} {st.seconds:5.2f}s", highlight=False)
 
-            report = run(src, out_dir, opts, force=force, on_start=on_start, on_step=on_step)
+            def on_note(line: str) -> None:
+                bar.console.print(f"[yellow]{line}[/]", highlight=False)
+
+            report = run(src, out_dir, opts, force=force, on_start=on_start, on_step=on_step, on_note=on_note)
         if json_out:
             print(json.dumps({"out_dir": str(out_dir), **report["totals"]}))
             return

@@ -3,3 +3,7 @@
 
 class SagekitError(Exception):
     """A problem with the user's input or environment: the message says what is wrong and what to do."""
+
+
+class DiskFullError(SagekitError):
+    """Out of disk space: a rerun after freeing space can resume, so compress keeps what it finished."""

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from sagekit.errors import SagekitError
+from sagekit.errors import DiskFullError, SagekitError
 
 
 def check_output_dir(out_dir: Path, force: bool) -> None:
@@ -30,11 +30,38 @@ def check_output_dir(out_dir: Path, force: bool) -> None:
         raise SagekitError(f"cannot write {out_dir}: no write permission in {parent}")
 
 
+def write_error(e: OSError, target: Path) -> SagekitError:
+    """The one-line error for an OSError met while writing `target`."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"disk full while writing {target}: free space and run again")
+    where = f" ({e.filename})" if e.filename else ""
+    return SagekitError(f"cannot write {target}: {e.strerror}{where}")
+
+
+def _remove_orphans(out_dir: Path) -> None:
+    """Delete temporary folders left beside out_dir by runs that were killed (their process is gone)."""
+    for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_folder(out_dir: Path, force: bool = False, tmp_dir: Path | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside out_dir; on success it replaces out_dir, on failure it is removed."""
     out_dir = Path(out_dir)
     check_output_dir(out_dir, force)
+    _remove_orphans(out_dir)
     tmp = tmp_dir or out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -45,10 +72,7 @@ def atomic_folder(out_dir: Path, force: bool = False, tmp_dir: Path | None = Non
         os.replace(tmp, out_dir)
     except OSError as e:  # every one is about the disk or the path: a line for the user, not a traceback
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise SagekitError(f"disk full while writing {out_dir}: free space and run again") from None
-        where = f" ({e.filename})" if e.filename else ""
-        raise SagekitError(f"cannot write {out_dir}: {e.strerror}{where}") from None
+        raise write_error(e, out_dir) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

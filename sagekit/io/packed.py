@@ -86,7 +86,7 @@ def is_packed(ckpt: Checkpoint, prefix: str) -> bool:
     return ckpt.quantization is not None and prefix in modules_of(ckpt)
 
 
-def _baseline_layout(method: str) -> Any:
+def baseline_layout(method: str) -> Any:
     """The packed class of a baseline method (sagekit.quant.<method>), or None for an unknown method."""
     import importlib
 
@@ -107,7 +107,7 @@ def read_linear(ckpt: Checkpoint, prefix: str, backend: Backend, kernels: bool =
         shape = (int(info["shape"][0]), int(info["shape"][1]))
     except (KeyError, TypeError, ValueError, IndexError):
         raise SagekitError(f"{ckpt.path}: module {prefix} has no valid shape in quantization_config") from None
-    layout = PackedSage if method == "sage" else _baseline_layout(method)
+    layout = PackedSage if method == "sage" else baseline_layout(method)
     if layout is None:
         raise SagekitError(f"{ckpt.path}: module {prefix} uses method '{method}', unknown to this sagekit")
     if method == "sage":

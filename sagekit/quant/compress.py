@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import re
+import threading
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -22,10 +23,12 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from sagekit.errors import SagekitError
+from sagekit import __version__
+from sagekit.errors import DiskFullError, SagekitError
 from sagekit.io.atomic import atomic_folder, check_output_dir
 from sagekit.io.checkpoint import Checkpoint, copy_tokenizer_files
-from sagekit.io.packed import ShardWriter, quantization_config
+from sagekit.io.packed import ShardWriter, baseline_layout, quantization_config
+from sagekit.io.partial import PartialStore, file_fingerprint
 from sagekit.quant.calibration import CalibOptions, LayerwiseCalibration, calibration_windows
 from sagekit.quant.sage import CurvePoint, MatrixQuantizer, SageKnobs, curve_choice, lambda_for_target
 from sagekit.quant.stats import MatrixStats
@@ -63,11 +66,20 @@ def matrix_seed(seed: int, name: str) -> int:
 _worker: dict[str, Any] = {}
 
 
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
 def _init_worker(src: str, threads: int | None) -> None:
+    """Open the checkpoint once per process; `threads` is given in pool workers only."""
     if threads:
         import numba
 
         numba.set_num_threads(threads)
+        # a worker must not outlive a parent killed with SIGKILL
+        threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     _worker["ckpt"] = Checkpoint(src)
 
 
@@ -104,18 +116,25 @@ def _check_method(opts: CompressOptions) -> None:
         raise SagekitError("--target-bpw applies to --method sage only")
 
 
-def _calibrated(names: list[str], opts: CompressOptions,
-                calib: LayerwiseCalibration) -> Iterator[tuple[dict[str, np.ndarray], MatrixStats]]:
+def _calibrated(names: list[str], opts: CompressOptions, calib: LayerwiseCalibration,
+                store: PartialStore) -> Iterator[tuple[dict[str, np.ndarray], MatrixStats]]:
+    """The layer-by-layer pass; matrices finished by an interrupted run are reused, not quantised again
+    (the pass still runs every layer, on their stored weights)."""
     module = importlib.import_module(f"sagekit.quant.{opts.method}")
+    layout = baseline_layout(opts.method)
 
-    def quantize(name: str, w: np.ndarray, h: np.ndarray) -> tuple[Any, MatrixStats]:
+    def quantize(name: str, w: np.ndarray, h: np.ndarray) -> tuple[Any, MatrixStats | None]:
+        if name in store:
+            arrays, stats = store.get(name)
+            return layout.from_arrays(arrays, tuple(stats["shape"])), None
         try:
             return module.quantize(w, h, name, **opts.baseline_knobs)
         except ValueError as e:
             raise SagekitError(f"{name}: {opts.method} failed ({e})") from None
 
     for packed, stats in calib.run(set(names), _read, quantize):
-        yield packed.arrays(), stats
+        if stats is not None:
+            yield packed.arrays(), stats
 
 
 def _read(name: str) -> np.ndarray:
@@ -134,13 +153,27 @@ def _map(fn: Callable, items: list, src: Path, workers: int) -> Iterator:
         yield from pool.map(fn, items)
 
 
+def _fingerprint(ckpt: Checkpoint, opts: CompressOptions) -> dict[str, Any]:
+    """Everything the output bytes depend on (the worker count does not)."""
+    inputs = [*ckpt.shard_paths, ckpt.folder / "config.json"]
+    if opts.calib is not None:
+        inputs.append(Path(opts.calib.path))
+    return {"sagekit_version": __version__, "method": opts.method, "knobs": opts.knobs.to_dict(),
+            "target_bpw": opts.target_bpw, "skip": opts.skip, "baseline_knobs": opts.baseline_knobs,
+            "calib": opts.calib.to_dict() if opts.calib else None, "inputs": file_fingerprint(inputs)}
+
+
 def compress(src: Path, out_dir: Path, opts: CompressOptions, force: bool = False,
              on_start: Callable[[str, int], None] | None = None,
-             on_step: Callable[[MatrixStats | None], None] | None = None) -> dict[str, Any]:
+             on_step: Callable[[MatrixStats | None], None] | None = None,
+             on_note: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write the packed folder for `src` into `out_dir` (atomically) and return the report.
 
-    on_start(phase, n) announces a phase of n steps; on_step gets each finished matrix's stats (None for a
-    step of the rate-curve phase that `target_bpw` adds).
+    Finished matrices are kept in OUT_DIR.partial (sagekit.io.partial) until the folder is complete, so a
+    rerun after Ctrl-C, kill or power loss resumes; the final folder is assembled from them in model order,
+    hence byte-identical whether or not the run was interrupted. on_start(phase, n) announces a phase of n
+    steps; on_step gets each finished matrix's stats (None for a step of the rate-curve phase that
+    `target_bpw` adds); on_note gets one-line messages (resuming, starting over).
     """
     _check_method(opts)
     check_output_dir(out_dir, force)
@@ -148,67 +181,134 @@ def compress(src: Path, out_dir: Path, opts: CompressOptions, force: bool = Fals
     with Checkpoint(src) as ckpt:
         if ckpt.quantization is not None:
             raise SagekitError(f"{src} is already quantised; compress the original FP16/BF16/FP32 model")
-        cfg = ckpt.config
-        names, skipped = linear_names(cfg.n_layers, opts.skip)
-        knobs = opts.knobs
-        lam = knobs.rate_penalty if opts.method == "sage" else None
-        groups: dict[str, int | None] = dict.fromkeys(names)
-        if opts.target_bpw is not None:
-            knobs = SageKnobs(**{**knobs.to_dict(), "group_select": "rate"})
+        run = _Run(src, ckpt, out_dir, opts, PartialStore(out_dir, _fingerprint(ckpt, opts)))
+        if on_note and run.store.restart_reason:
+            on_note(f"starting over in {run.store.path}: {run.store.restart_reason}")
+        elif on_note and len(run.store):
+            on_note(f"resuming: {len(run.store)} of {len(run.names)} matrices already done in {run.store.path}")
+        try:
+            report = run.write(run.quantize(on_start, on_step), force, t_start)
+        except KeyboardInterrupt:
+            if on_note:
+                on_note(f"{len(run.store)} finished matrices kept in {run.store.path}: run the same command again "
+                        "to resume")
+            raise
+        except DiskFullError as e:
+            raise DiskFullError(f"{e} (the {len(run.store)} finished matrices in {run.store.path} will be reused)") \
+                from None
+        except BaseException:
+            run.store.remove()  # the same input would fail the same way
+            raise
+        run.store.remove()
+    return report
+
+
+def _fingerprint(ckpt: Checkpoint, opts: CompressOptions) -> dict[str, Any]:
+    """Everything the output bytes depend on (the worker count does not)."""
+    inputs = [*ckpt.shard_paths, ckpt.folder / "config.json"]
+    if opts.calib is not None:
+        inputs.append(Path(opts.calib.path))
+    return {"sagekit_version": __version__, "method": opts.method, "knobs": opts.knobs.to_dict(),
+            "target_bpw": opts.target_bpw, "skip": opts.skip, "baseline_knobs": opts.baseline_knobs,
+            "calib": opts.calib.to_dict() if opts.calib else None, "inputs": file_fingerprint(inputs)}
+
+
+class _Run:
+    """One compress run: quantise what the partial store lacks, then assemble OUT_DIR from the store."""
+
+    def __init__(self, src: Path, ckpt: Checkpoint, out_dir: Path, opts: CompressOptions, store: PartialStore):
+        self.src, self.ckpt, self.out_dir, self.opts, self.store = src, ckpt, out_dir, opts, store
+        self.names, self.skipped = linear_names(ckpt.config.n_layers, opts.skip)
+        self.knobs = opts.knobs
+        self.lam = self.knobs.rate_penalty if opts.method == "sage" else None
+        self.calib: LayerwiseCalibration | None = None
+        self.resumed = len(store)
+
+    def _solve_target(self, on_start: Callable | None, on_step: Callable | None) -> dict[str, int | None]:
+        """lambda and each matrix's G for the bit target, from the sampled rate curves (kept in the store)."""
+        self.knobs = SageKnobs(**{**self.knobs.to_dict(), "group_select": "rate"})
+        state = self.store.state()
+        if "lambda" not in state:
             if on_start:
-                on_start("rate curves", len(names))
+                on_start("rate curves", len(self.names))
             curves = []
-            for c in _map(_curve, [(n, knobs) for n in names], src, opts.workers):
+            for c in _map(_curve, [(n, self.knobs) for n in self.names], self.src, self.opts.workers):
                 curves.append(c)
                 if on_step:
                     on_step(None)
-            lam = lambda_for_target(curves, opts.target_bpw)
-            groups = {n: curve_choice(c, lam)[0] for n, (_, c) in zip(names, curves)}
-        calib = None
+            lam = lambda_for_target(curves, self.opts.target_bpw)
+            state = {"lambda": lam, "groups": {n: curve_choice(c, lam)[0] for n, (_, c) in zip(self.names, curves)}}
+            self.store.save_state(state)
+        self.lam = state["lambda"]
+        return state["groups"]
+
+    def quantize(self, on_start: Callable | None, on_step: Callable | None) -> list[MatrixStats]:
+        """Quantise every matrix not yet in the store, saving each as it finishes; all stats in model order."""
+        opts, store = self.opts, self.store
+        groups = dict.fromkeys(self.names)
+        if opts.target_bpw is not None:
+            groups = self._solve_target(on_start, on_step)
+        if on_start:
+            on_start("quantize", len(self.names))
+        stats = {n: _stats(store.get(n)[1]) for n in self.names if n in store}
+        for st in stats.values():
+            if on_step:
+                on_step(st)
+        todo = [n for n in self.names if n not in store]
         if opts.method == "sage":
-            results = _map(_quantize, [(n, knobs, lam, groups[n]) for n in names], src, opts.workers)
+            results = _map(_quantize, [(n, self.knobs, self.lam, groups[n]) for n in todo], self.src, opts.workers)
         elif opts.method in CALIBRATED:
             from sagekit.backend import get_backend
 
-            _init_worker(str(src), None)
-            calib = LayerwiseCalibration(_worker["ckpt"], get_backend(opts.device),
-                                         calibration_windows(ckpt.folder, opts.calib))
-            results = _calibrated(names, opts, calib)
+            _init_worker(str(self.src), None)
+            self.calib = LayerwiseCalibration(_worker["ckpt"], get_backend(opts.device),
+                                              calibration_windows(self.ckpt.folder, opts.calib))
+            results = _calibrated(self.names, opts, self.calib, store)
         else:
-            results = _map(_quantize_baseline, [(n, opts.method, opts.baseline_knobs) for n in names], src,
+            results = _map(_quantize_baseline, [(n, opts.method, opts.baseline_knobs) for n in todo], self.src,
                            opts.workers)
-        if on_start:
-            on_start("quantize", len(names))
-        stats: list[MatrixStats] = []
-        with atomic_folder(out_dir, force=force) as tmp:
+        for arrays, st in results:
+            store.put(st.name, arrays, asdict(st))
+            stats[st.name] = st
+            if on_step:
+                on_step(st)
+        return [stats[n] for n in self.names]
+
+    def write(self, stats: list[MatrixStats], force: bool, t_start: float) -> dict[str, Any]:
+        """Assemble OUT_DIR from the stored matrices (in model order) and the tensors that stay FP16."""
+        ckpt, opts, cfg = self.ckpt, self.opts, self.ckpt.config
+        with atomic_folder(self.out_dir, force=force) as tmp:
             writer = ShardWriter(tmp)
-            for arrays, st in results:
-                for field_name, a in arrays.items():
-                    writer.add(f"{st.name}.{field_name}", a)
-                stats.append(st)
-                if on_step:
-                    on_step(st)
-            quantised = set(names)
+            for name in self.names:
+                for field_name, a in self.store.get(name)[0].items():
+                    writer.add(f"{name}.{field_name}", a)
+            quantised = set(self.names)
             for name in ckpt.names():
                 if name.removesuffix(".weight") not in quantised:
                     writer.add(name, ckpt.float32(name).astype(np.float16))
             file_bytes = writer.close()
             modules = {s.name: {"method": opts.method, "shape": list(s.shape)} for s in stats}
-            method_knobs = knobs.to_dict() if opts.method == "sage" else dict(opts.baseline_knobs)
-            extra = {"seed": knobs.seed, "rate_penalty_used": lam, "target_bpw": opts.target_bpw,
+            method_knobs = self.knobs.to_dict() if opts.method == "sage" else dict(opts.baseline_knobs)
+            extra = {"seed": self.knobs.seed, "rate_penalty_used": self.lam, "target_bpw": opts.target_bpw,
                      "skip": opts.skip, **(opts.calib.to_dict() if opts.calib else {})}
             config = {**cfg.raw, "torch_dtype": "float16",
                       "quantization_config": quantization_config(opts.method, method_knobs, modules, extra)}
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             copy_tokenizer_files(ckpt.folder, tmp)
-            skipped_weights = sum(int(np.prod(ckpt.file_of(n + ".weight").shape(n + ".weight"))) for n in skipped)
+            skipped_weights = sum(int(np.prod(ckpt.file_of(n + ".weight").shape(n + ".weight")))
+                                  for n in self.skipped)
             total_params = sum(int(np.prod(s)) for s in cfg.expected_shapes().values())
-            report = _report(stats, skipped, skipped_weights, file_bytes, total_params, method_knobs, lam, opts,
-                             time.perf_counter() - t_start)
-            if calib is not None:
-                report["calibration"] = {**opts.calib.to_dict(), "forward_seconds": calib.forward_seconds}
+            report = _report(stats, self.skipped, skipped_weights, file_bytes, total_params, method_knobs, self.lam,
+                             opts, time.perf_counter() - t_start)
+            report["resumed_matrices"] = self.resumed
+            if self.calib is not None:
+                report["calibration"] = {**opts.calib.to_dict(), "forward_seconds": self.calib.forward_seconds}
             (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
+        return report
+
+
+def _stats(d: dict[str, Any]) -> MatrixStats:
+    return MatrixStats(**{**d, "shape": tuple(d["shape"])})
 
 
 def _report(stats: list[MatrixStats], skipped: list[str], skipped_weights: int, file_bytes: int,
