@@ -60,6 +60,24 @@ def test_cpu_matmul_takes_packed_and_checks_x():
         cpu.sage_matmul(np.zeros((2, 49), np.float32), p)
 
 
+@pytest.mark.parametrize("n_tok", [1, 3, 16])
+def test_half_matmul_reads_fp16_bits_exactly(n_tok):
+    """Every kind of half: zeros of both signs, subnormals, the largest, the smallest normal, ordinary values;
+    the result must equal float32 arithmetic on the upcast weights."""
+    rng = np.random.default_rng(n_tok)
+    w = (rng.standard_normal((203, 77)) * 0.05).astype(np.float16)
+    w[0, :9] = np.array([0.0, -0.0, 6e-8, -6e-8, 1e-5, 65504, -65504, 2.0 ** -14, -3e-6], dtype=np.float16)
+    w[1] = np.arange(77, dtype=np.uint16).view(np.float16)  # the 77 smallest subnormals, bit for bit
+    x = rng.standard_normal((n_tok, 77)).astype(np.float32)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    y = cpu.half_matmul(x, w)
+    assert y.dtype == np.float32 and y.shape == (n_tok, 203)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(y[:, 1], ref[:, 1], atol=1e-5 * np.abs(ref[:, 1]).max())  # subnormals not flushed
+    with pytest.raises(ValueError, match="expected"):
+        cpu.half_matmul(x[:, :5], w)
+
+
 def test_walsh_coefficients_rebuild_alpha():
     alpha = np.array([0.01, 0.02, 0.035], np.float32)  # G = 3: id 3 never occurs
     beta = cpu.walsh_beta(alpha, 2).astype(np.float64)

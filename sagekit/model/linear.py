@@ -33,6 +33,24 @@ class DenseLinear:
         return int(self.weight.nbytes)
 
 
+class HalfLinear:
+    """An FP16 weight kept as FP16 on the CPU (NumPy has no fast float16 matmul): the Numba kernel reads
+    the half bits directly, so the tied embedding / lm_head of a compressed model costs its file bytes."""
+
+    def __init__(self, weight: Any):
+        from sagekit.kernels import cpu
+
+        self.weight, self._matmul = weight, cpu.half_matmul
+        self.out_features, self.in_features = weight.shape
+
+    def __call__(self, x: Any) -> Any:
+        return self._matmul(x, self.weight)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.weight.nbytes)
+
+
 class SageLinear:
     """A SAGE-packed weight run by the packed kernels (Numba on CPU, CUDA on GPU); never made dense.
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from sagekit.backend import Backend
 from sagekit.io import packed
 from sagekit.io.checkpoint import Checkpoint
-from sagekit.model.linear import DenseLinear, Linear
+from sagekit.model.linear import DenseLinear, HalfLinear, Linear
 from sagekit.model.llama import Layer, Llama
 
 
@@ -35,6 +37,17 @@ def load_model(path: str | Path, backend: Backend, max_seq_len: int, kernels: bo
                 attn_norm=vec(p + "input_layernorm.weight"), q=lin["self_attn.q_proj"], k=lin["self_attn.k_proj"],
                 v=lin["self_attn.v_proj"], o=lin["self_attn.o_proj"], ffn_norm=vec(p + "post_attention_layernorm.weight"),
                 gate=lin["mlp.gate_proj"], up=lin["mlp.up_proj"], down=lin["mlp.down_proj"]))
-        embed = backend.asarray(ckpt.float32("model.embed_tokens.weight"))
-        lm_head = DenseLinear(embed) if c.tie_embeddings else _linear(ckpt, "lm_head", backend, kernels)
+        if ckpt.quantization is not None and not backend.is_gpu:
+            # a compressed model keeps its FP16 embedding / lm_head as FP16 (the GPU backend does anyway)
+            embed = ckpt.float32("model.embed_tokens.weight").astype(np.float16)
+            half = lambda name: HalfLinear(ckpt.float32(name).astype(np.float16))  # noqa: E731
+        else:
+            embed = backend.asarray(ckpt.float32("model.embed_tokens.weight"))
+            half = None
+        if c.tie_embeddings:
+            lm_head = HalfLinear(embed) if half else DenseLinear(embed)
+        elif half and not packed.is_packed(ckpt, "lm_head"):
+            lm_head = half("lm_head.weight")
+        else:
+            lm_head = _linear(ckpt, "lm_head", backend, kernels)
         return Llama(c, backend, embed, layers, vec("model.norm.weight"), lm_head, max_seq_len)
