@@ -36,6 +36,28 @@ def test_roundtrip_all_float_dtypes(tmp_path):
         np.testing.assert_allclose(f.float32("a"), a32, rtol=2 ** -8)
 
 
+def _rss_file_kib() -> int:
+    """Pages of mapped files resident in this process (Linux)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
+def test_streaming_reads_do_not_keep_the_file_resident(tmp_path):
+    """Reading every tensor of a 64 MiB BF16 file one at a time must not leave 64 MiB of it resident:
+    a 13 GB checkpoint would otherwise count in full against the 4 GB compress budget."""
+    tensors = {f"w{i}": np.ones((1024, 4096), np.float32) for i in range(8)}
+    write_safetensors(tmp_path / "m.safetensors", tensors, bf16=True)
+    with SafetensorsFile(tmp_path / "m.safetensors") as f:
+        before = _rss_file_kib()
+        for name in f.keys():
+            assert f.float32(name)[0, 0] == 1.0
+        grown = _rss_file_kib() - before
+    assert grown < 16 * 1024, f"{grown} KiB of the file stayed resident"
+
+
 def test_bf16_rounds_to_nearest_even():
     # 1 + 2^-8 is halfway between 1 and 1 + 2^-7 (odd mantissa): ties go to the even neighbour 1.0;
     # 1 + 3 * 2^-8 is halfway between 1 + 2^-7 (odd) and 1 + 2^-6 (even): it goes up.
