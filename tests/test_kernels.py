@@ -78,6 +78,34 @@ def test_half_matmul_reads_fp16_bits_exactly(n_tok):
         cpu.half_matmul(x[:, :5], w)
 
 
+@pytest.mark.parametrize("n_heads, n_kv, length", [(9, 3, 1), (9, 3, 37), (4, 4, 130), (8, 1, 17)])
+def test_decode_attention_matches_softmax_attention(n_heads, n_kv, length):
+    """GQA, MHA and MQA; a cache longer than the valid prefix (its tail must be ignored)."""
+    rng = np.random.default_rng(length)
+    d, s_max = 64, 160
+    q = rng.standard_normal((n_heads, d)).astype(np.float32) / 8
+    keys = rng.standard_normal((n_kv, d, s_max)).astype(np.float32)
+    values = rng.standard_normal((n_kv, s_max, d)).astype(np.float32)
+    keys[:, :, length:] = 1e4  # garbage past the valid positions
+    out = np.empty((n_heads, d), np.float32)
+    cpu.decode_attention(q, keys, values, length, out)
+    rep = n_heads // n_kv
+    k = np.repeat(keys[:, :, :length], rep, axis=0).astype(np.float64)
+    scores = np.einsum("hd,hds->hs", q, k)
+    p = np.exp(scores - scores.max(axis=1, keepdims=True))
+    ref = np.einsum("hs,hsd->hd", p / p.sum(axis=1, keepdims=True), np.repeat(values[:, :length], rep, axis=0))
+    np.testing.assert_allclose(out, ref, atol=2e-6)
+
+
+def test_exp_without_libm_is_accurate_for_softmax_weights():
+    x = np.concatenate([-np.geomspace(1e-6, 87, 2001), [0.0, -100.0]]).astype(np.float32)
+    got = np.array([cpu._exp_nonpositive(v) for v in x], dtype=np.float64)
+    want = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(got - want)) < 1.2e-7
+    small = x > -10
+    assert np.max(np.abs(got - want)[small] / want[small]) < 1e-6
+
+
 def test_walsh_coefficients_rebuild_alpha():
     alpha = np.array([0.01, 0.02, 0.035], np.float32)  # G = 3: id 3 never occurs
     beta = cpu.walsh_beta(alpha, 2).astype(np.float64)

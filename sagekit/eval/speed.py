@@ -17,7 +17,7 @@ import numpy as np
 from sagekit.backend import Backend
 from sagekit.io.synthetic import SHAPES, llama_config
 from sagekit.model.config import LlamaConfig
-from sagekit.model.linear import DenseLinear, Linear, SageLinear
+from sagekit.model.linear import DenseLinear, HalfLinear, Linear, SageLinear
 from sagekit.model.llama import Layer, Llama
 from sagekit.model.load import load_model
 from sagekit.quant.pack import random_packed
@@ -57,15 +57,21 @@ class ModelPair:
 
 
 def _densify(model: Llama, max_seq_len: int) -> Llama:
-    """The same model with every packed linear replaced by its dequantised dense weight."""
+    """The same model as the dense baseline runs it: every packed linear replaced by its dequantised
+    weight, and the FP16 embedding / lm_head in the backend dtype (float32 on the CPU), as `load_model`
+    holds an FP16 checkpoint."""
     be = model.backend
 
     def dense(lin: Linear) -> Linear:
-        return DenseLinear(be.asarray(lin.packed.unpack())) if hasattr(lin, "packed") else lin
+        if hasattr(lin, "packed"):
+            return DenseLinear(be.asarray(lin.packed.unpack()))
+        return DenseLinear(be.asarray(lin.weight)) if isinstance(lin, HalfLinear) else lin
 
     layers = [Layer(L.attn_norm, dense(L.q), dense(L.k), dense(L.v), dense(L.o), L.ffn_norm, dense(L.gate),
                     dense(L.up), dense(L.down)) for L in model.layers]
-    return Llama(model.config, be, model.embed, layers, model.norm, dense(model.lm_head), max_seq_len)
+    embed = be.asarray(model.embed)
+    lm_head = DenseLinear(embed) if model.config.tie_embeddings else dense(model.lm_head)
+    return Llama(model.config, be, embed, layers, model.norm, lm_head, max_seq_len)
 
 
 def load_pair(path: Path, backend: Backend, max_seq_len: int) -> ModelPair:

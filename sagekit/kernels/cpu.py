@@ -17,6 +17,7 @@ Without AVX-512 the same lookup is emitted as a 16-lane table read that LLVM low
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -261,6 +262,7 @@ class SageCPU:
     sal_val: np.ndarray  # int8 (nnz,)
     sal_scale: np.ndarray  # float32 (out,)
     shape: tuple[int, int]
+    plane_rows: tuple[np.ndarray, ...] = ()  # the rows of `planes`, made once: the kernel takes a tuple
 
     @property
     def nbytes(self) -> int:
@@ -304,6 +306,7 @@ def prepare(p: PackedSage) -> SageCPU:
         sal_val=p.sal_val,
         sal_scale=p.sal_scale.astype(np.float32),
         shape=p.shape,
+        plane_rows=tuple(planes),
     )
 
 
@@ -356,18 +359,17 @@ def _lut_matmul(x, planes, beta, sal_ptr, sal_idx, sal_val, sal_scale, y, words,
                     _lut_planes(
                         acc, (b - b0) * ROWS, nrow, planes, k * out16 + b * ROWS, tab, k * 128, words * 128, tb, beta
                     )
+            if n_tok == 1:  # decode: a short gather per row over its salient columns
+                for r in range(b0 * ROWS, min(out, b1 * ROWS)):
+                    s = np.float32(0)
+                    for j in range(sal_ptr[r], sal_ptr[r + 1]):
+                        s += np.float32(sal_val[j]) * x[t0, sal_idx[j]]
+                    y[t0, r] = acc[r - b0 * ROWS] + sal_scale[r] * s
+                continue
             sal = np.zeros(ROWS, dtype=np.float32)
             for r in range(b0 * ROWS, min(out, b1 * ROWS)):
-                j0, j1 = np.int64(sal_ptr[r]), np.int64(sal_ptr[r + 1])
-                if n_tok == 1:  # decode: a gather-vectorised dot product over the row's salient columns
-                    cols, vals, xr = sal_idx[j0:j1], sal_val[j0:j1], x[t0]
-                    s = np.float32(0)
-                    for j in range(cols.size):
-                        s += np.float32(vals[j]) * xr[cols[j]]
-                    sal[0] = s
-                else:
-                    sal[:] = 0
-                    _sparse_row16(sal, 0, xt_flat, sal_idx, sal_val, j0, j1)
+                sal[:] = 0
+                _sparse_row16(sal, 0, xt_flat, sal_idx, sal_val, np.int64(sal_ptr[r]), np.int64(sal_ptr[r + 1]))
                 for t in range(tb):
                     y[t0 + t, r] = acc[t * nrow + r - b0 * ROWS] + sal_scale[r] * sal[t]
 
@@ -425,15 +427,18 @@ def sage_matmul(x: np.ndarray, k: SageCPU | PackedSage) -> np.ndarray:
         return y
     salient = (k.sal_ptr, k.sal_idx, k.sal_val, k.sal_scale)
     if k.planes.size * 32 * x.shape[0] < PARALLEL_MIN_BITS:
-        _lut_matmul_serial(x, tuple(k.planes), k.beta, *salient, y, n_words(in_), 1)
+        _lut_matmul_serial(x, k.plane_rows, k.beta, *salient, y, n_words(in_), 1)
     else:
-        _lut_matmul(x, tuple(k.planes), k.beta, *salient, y, n_words(in_), numba.get_num_threads())
+        _lut_matmul(x, k.plane_rows, k.beta, *salient, y, n_words(in_), numba.get_num_threads())
     return y
 
 
 HALF_BLOCK_ROWS = 64  # rows converted into one scratch row at a time per thread
 HALF_BLAS_MIN_TOKENS = 16  # from here on, converting row tiles for BLAS beats the per-row dot products
 HALF_TO_F32 = np.float32(2.0 ** 112)  # moves a half's exponent bias (15) to a float's (127)
+# A decode step's lm_head (49152 x 576 on the demo) stays on the calling thread: on the 2-core VM, waking
+# the OpenMP pool once per token cost more (up to 3 ms) than the second core saved.
+HALF_PARALLEL_MIN_BITS = 1 << 30
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -458,6 +463,9 @@ def _half_matmul(x, w, y):
                 y[t, r] = s * HALF_TO_F32
 
 
+_half_matmul_serial = njit(cache=True, fastmath=True)(_half_matmul.py_func)
+
+
 def half_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """float32 (T, in) @ float16 (out, in).T -> float32 (T, out), reading the half weights directly:
     half the bytes of a float32 matvec for decode; long prompts convert row tiles for BLAS instead."""
@@ -470,5 +478,57 @@ def half_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
         for r0 in range(0, out, 4096):
             np.matmul(x, w[r0:r0 + 4096].astype(np.float32).T, out=y[:, r0:r0 + 4096])
         return y
-    _half_matmul(x, w.view(np.uint16), y)
+    if w.size * 16 * x.shape[0] < HALF_PARALLEL_MIN_BITS:
+        _half_matmul_serial(x, w.view(np.uint16), y)
+    else:
+        _half_matmul(x, w.view(np.uint16), y)
     return y
+
+
+POW2 = np.ldexp(np.float32(1), np.arange(-126, 1)).astype(np.float32)  # 2^n for n = -126..0
+EXP_TAYLOR = tuple(np.float32(np.log(2.0) ** k / math.factorial(k)) for k in range(8))
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _exp_nonpositive(x):
+    """exp(x) for x <= 0 without a libm call, so the loop around it vectorises: 2^n from a table times
+    2^f by its degree-7 Taylor series on |f| <= 1/2. Absolute error < 1.2e-7 (results are <= 1: about
+    one float32 ulp), which is what softmax weights need; the relative error grows to ~3e-6 near x = -87
+    with float32's rounding of x log2(e)."""
+    t = max(x, np.float32(-87.0)) * np.float32(1.4426950408889634)
+    n = np.floor(t + np.float32(0.5))
+    f = t - n
+    c = EXP_TAYLOR
+    p = c[0] + f * (c[1] + f * (c[2] + f * (c[3] + f * (c[4] + f * (c[5] + f * (c[6] + f * c[7]))))))
+    return p * POW2[np.int64(n) + 126]
+
+
+@njit(cache=True, fastmath=True)
+def decode_attention(q, keys, values, length, out):
+    """One query position over the cache: softmax(q k^T) v per head, grouped-query heads sharing a KV head.
+
+    Layout: q (H, D) f32, already scaled by 1/sqrt(D); keys (KV, D, S_max) and values (KV, S_max, D) f32,
+    one layer of the cache, positions < length valid; out (H, D) f32. Scores accumulate along positions and
+    the output along D, so both loops are unit-stride vectors; at 3 queries x 64 dims per KV head a BLAS
+    call would cost ~10 us of overhead each."""
+    n_heads, d = q.shape
+    rep = n_heads // keys.shape[0]
+    p = np.empty(length, dtype=np.float32)
+    for h in range(n_heads):
+        k, v = keys[h // rep], values[h // rep]
+        p[:] = 0
+        for e in range(d):
+            qe = q[h, e]
+            for j in range(length):
+                p[j] += qe * k[e, j]
+        top = p.max()
+        total = np.float32(0)
+        for j in range(length):
+            p[j] = _exp_nonpositive(p[j] - top)
+            total += p[j]
+        o = out[h]
+        o[:] = 0
+        for j in range(length):
+            for e in range(d):
+                o[e] += p[j] * v[j, e]
+        o *= np.float32(1) / total
