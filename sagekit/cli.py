@@ -379,12 +379,14 @@ def bench(
     decode_tokens: int = typer.Option(32, min=1, help="Decode steps timed."),
     prefill_tokens: int = typer.Option(512, min=1, help="Prompt length of the timed prefill."),
     repeats: int = typer.Option(20, min=1, help="Repeats per matrix timing (median reported)."),
+    rounds: int = typer.Option(3, min=1, help="Decode/prefill timings alternate packed and dense this many "
+                               "times; medians are reported (--json also lists every round)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Packed kernels vs a dense baseline in the same run: per-matrix GEMV and decode / prefill tokens/s."""
     from sagekit.backend import get_backend
-    from sagekit.eval.speed import BENCH_SHAPES, load_pair, matrix_speed, model_speed, peak_bandwidth, random_pair
+    from sagekit.eval.speed import BENCH_SHAPES, load_pair, matrix_speed, pair_speed, peak_bandwidth, random_pair
 
     with _user_errors():
         be = get_backend(device)
@@ -395,12 +397,12 @@ def bench(
             raise SagekitError(f"unknown --shape '{shape}': choose from {', '.join(sorted(BENCH_SHAPES))}")
         pair = load_pair(Path(model), be, n) if model else random_pair(shape, be, n, layers, groups, salient)
         matrices = matrix_speed(pair, repeats)
-        decode, prefill = model_speed(pair.packed, decode_tokens, prefill_tokens)
-        dense_decode, dense_prefill = model_speed(pair.dense, decode_tokens, prefill_tokens)
+        speeds = pair_speed(pair, decode_tokens, prefill_tokens, rounds)
+        decode, prefill = speeds["decode_tok_s"], speeds["prefill_tok_s"]
+        dense_decode, dense_prefill = speeds["dense_decode_tok_s"], speeds["dense_prefill_tok_s"]
         peak, peak_source = peak_bandwidth(be)
         result = {"device": be.describe(), "model": model or shape, "peak_gbps": peak, "peak_source": peak_source,
-                  "matrices": matrices, "decode_tok_s": decode, "dense_decode_tok_s": dense_decode,
-                  "prefill_tok_s": prefill, "dense_prefill_tok_s": dense_prefill}
+                  "matrices": matrices, **speeds}
         if json_out:
             print(json.dumps(result))
             return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -50,3 +52,21 @@ def test_compressed_demo_model_kernels_match_reference(demo_packed, wiki_test):
     text = np.asarray(tok.encode(wiki_test.read_text(encoding="utf-8")[:20000]).ids)
     pf, pr = evaluate(fast, text, 512, 2).ppl, evaluate(ref, text, 512, 2).ppl
     assert abs(pf - pr) / pr < 1e-3, (pf, pr)
+
+
+def test_bench_json_has_every_documented_field():
+    """`sagekit bench --shape tiny --json`: the fields issue 5 names, each round recorded, packed bytes counted."""
+    from typer.testing import CliRunner
+
+    from sagekit.cli import app
+
+    r = CliRunner().invoke(app, ["bench", "--shape", "tiny", "--decode-tokens", "2", "--prefill-tokens", "4",
+                                 "--repeats", "1", "--rounds", "2", "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output.strip().splitlines()[-1])
+    for key in ("matrices", "decode_tok_s", "dense_decode_tok_s", "prefill_tok_s", "dense_prefill_tok_s", "device"):
+        assert key in d
+    assert len(d["rounds"]["dense_decode"]) == 2 and d["decode_tok_s"] > 0
+    m = d["matrices"][0]
+    assert {"name", "shape", "ms", "dense_ms", "gbps", "peak_fraction"} <= set(m)
+    assert m["gbps"] == pytest.approx(m["packed_bytes"] / (m["ms"] / 1e3) / 1e9)

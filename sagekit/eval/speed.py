@@ -140,3 +140,17 @@ def model_speed(model: Llama, decode_tokens: int, prefill_tokens: int) -> tuple[
                                   last_only=True))
     t2 = time.perf_counter()
     return decode_tokens / (t2 - t1), prefill_tokens / (t1 - t0)
+
+
+def pair_speed(pair: ModelPair, decode_tokens: int, prefill_tokens: int, rounds: int) -> dict[str, Any]:
+    """Decode and prefill tok/s of both models, alternating packed and dense `rounds` times so that a
+    noisy machine slows both alike; medians, and every round's figures for the record."""
+    runs: dict[str, list[float]] = {k: [] for k in ("decode", "prefill", "dense_decode", "dense_prefill")}
+    for _ in range(rounds):
+        for prefix, model in (("", pair.packed), ("dense_", pair.dense)):
+            decode, prefill = model_speed(model, decode_tokens, prefill_tokens)
+            runs[prefix + "decode"].append(decode)
+            runs[prefix + "prefill"].append(prefill)
+    out: dict[str, Any] = {f"{k}_tok_s": float(np.median(v)) for k, v in runs.items()}
+    out["rounds"] = runs
+    return out

@@ -265,6 +265,11 @@ class SageCPU:
     plane_rows: tuple[np.ndarray, ...] = ()  # the rows of `planes`, made once: the kernel takes a tuple
 
     @property
+    def kernel_args(self) -> tuple:
+        """What _lut_matmul takes after x, in its order."""
+        return (self.plane_rows, self.beta, self.sal_ptr, self.sal_idx, self.sal_val, self.sal_scale)
+
+    @property
     def nbytes(self) -> int:
         arrays = (self.planes, self.beta, self.values, self.sal_ptr, self.sal_idx, self.sal_val, self.sal_scale)
         return sum(int(a.nbytes) for a in arrays)
@@ -425,11 +430,11 @@ def sage_matmul(x: np.ndarray, k: SageCPU | PackedSage) -> np.ndarray:
     if x.shape[0] >= BLAS_MIN_TOKENS and len(k.beta) >= 4:
         _blas_matmul(x, k, y)
         return y
-    salient = (k.sal_ptr, k.sal_idx, k.sal_val, k.sal_scale)
+    words = (in_ + 31) // 32
     if k.planes.size * 32 * x.shape[0] < PARALLEL_MIN_BITS:
-        _lut_matmul_serial(x, k.plane_rows, k.beta, *salient, y, n_words(in_), 1)
+        _lut_matmul_serial(x, *k.kernel_args, y, words, 1)
     else:
-        _lut_matmul(x, k.plane_rows, k.beta, *salient, y, n_words(in_), numba.get_num_threads())
+        _lut_matmul(x, *k.kernel_args, y, words, numba.get_num_threads())
     return y
 
 
