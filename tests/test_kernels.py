@@ -84,14 +84,14 @@ def test_decode_attention_matches_softmax_attention(n_heads, n_kv, length):
     rng = np.random.default_rng(length)
     d, s_max = 64, 160
     q = rng.standard_normal((n_heads, d)).astype(np.float32) / 8
-    keys = rng.standard_normal((n_kv, d, s_max)).astype(np.float32)
+    keys = rng.standard_normal((n_kv, s_max, d)).astype(np.float32)
     values = rng.standard_normal((n_kv, s_max, d)).astype(np.float32)
-    keys[:, :, length:] = 1e4  # garbage past the valid positions
+    keys[:, length:] = 1e4  # garbage past the valid positions
     out = np.empty((n_heads, d), np.float32)
     cpu.decode_attention(q, keys, values, length, out)
     rep = n_heads // n_kv
-    k = np.repeat(keys[:, :, :length], rep, axis=0).astype(np.float64)
-    scores = np.einsum("hd,hds->hs", q, k)
+    k = np.repeat(keys[:, :length], rep, axis=0).astype(np.float64)
+    scores = np.einsum("hd,hsd->hs", q, k)
     p = np.exp(scores - scores.max(axis=1, keepdims=True))
     ref = np.einsum("hs,hsd->hd", p / p.sum(axis=1, keepdims=True), np.repeat(values[:, :length], rep, axis=0))
     np.testing.assert_allclose(out, ref, atol=2e-6)
