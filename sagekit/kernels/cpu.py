@@ -364,17 +364,18 @@ def _lut_matmul(x, planes, beta, sal_ptr, sal_idx, sal_val, sal_scale, y, words,
                     _lut_planes(
                         acc, (b - b0) * ROWS, nrow, planes, k * out16 + b * ROWS, tab, k * 128, words * 128, tb, beta
                     )
-            if n_tok == 1:  # decode: a short gather per row over its salient columns
-                for r in range(b0 * ROWS, min(out, b1 * ROWS)):
-                    s = np.float32(0)
-                    for j in range(sal_ptr[r], sal_ptr[r + 1]):
-                        s += np.float32(sal_val[j]) * x[t0, sal_idx[j]]
-                    y[t0, r] = acc[r - b0 * ROWS] + sal_scale[r] * s
-                continue
             sal = np.zeros(ROWS, dtype=np.float32)
             for r in range(b0 * ROWS, min(out, b1 * ROWS)):
-                sal[:] = 0
-                _sparse_row16(sal, 0, xt_flat, sal_idx, sal_val, np.int64(sal_ptr[r]), np.int64(sal_ptr[r + 1]))
+                j0, j1 = np.int64(sal_ptr[r]), np.int64(sal_ptr[r + 1])
+                if n_tok == 1:  # decode: a gather-vectorised dot product over the row's salient columns
+                    cols, vals, xr = sal_idx[j0:j1], sal_val[j0:j1], x[t0]
+                    s = np.float32(0)
+                    for j in range(cols.size):
+                        s += np.float32(vals[j]) * xr[cols[j]]
+                    sal[0] = s
+                else:
+                    sal[:] = 0
+                    _sparse_row16(sal, 0, xt_flat, sal_idx, sal_val, j0, j1)
                 for t in range(tb):
                     y[t0 + t, r] = acc[t * nrow + r - b0 * ROWS] + sal_scale[r] * sal[t]
 
