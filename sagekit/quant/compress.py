@@ -153,16 +153,6 @@ def _map(fn: Callable, items: list, src: Path, workers: int) -> Iterator:
         yield from pool.map(fn, items)
 
 
-def _fingerprint(ckpt: Checkpoint, opts: CompressOptions) -> dict[str, Any]:
-    """Everything the output bytes depend on (the worker count does not)."""
-    inputs = [*ckpt.shard_paths, ckpt.folder / "config.json"]
-    if opts.calib is not None:
-        inputs.append(Path(opts.calib.path))
-    return {"sagekit_version": __version__, "method": opts.method, "knobs": opts.knobs.to_dict(),
-            "target_bpw": opts.target_bpw, "skip": opts.skip, "baseline_knobs": opts.baseline_knobs,
-            "calib": opts.calib.to_dict() if opts.calib else None, "inputs": file_fingerprint(inputs)}
-
-
 def compress(src: Path, out_dir: Path, opts: CompressOptions, force: bool = False,
              on_start: Callable[[str, int], None] | None = None,
              on_step: Callable[[MatrixStats | None], None] | None = None,
