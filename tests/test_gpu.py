@@ -22,9 +22,12 @@ gpu = pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA GPU"
 def test_float16_policy_matches_float32_on_cpu(tiny_model):
     """Backend with float16 weights/activations (the GPU policy) through NumPy: same logits within fp16 noise."""
     tokens = np.random.default_rng(0).integers(0, 300, 40)
-    ref = load_model(tiny_model, get_backend("cpu"), 64).forward(tokens, 0)
-    half = load_model(tiny_model, Backend("cpu", np, np.float16), 64).forward(tokens, 0)
+    ref_model = load_model(tiny_model, get_backend("cpu"), 64)
+    half_model = load_model(tiny_model, Backend("cpu", np, np.float16), 64)
+    ref, half = ref_model.forward(tokens, 0), half_model.forward(tokens, 0)
     assert half.dtype == np.float32
+    np.testing.assert_allclose(half, ref, rtol=0, atol=2e-2 * np.abs(ref).max())
+    ref, half = ref_model.forward(tokens[:1], 40), half_model.forward(tokens[:1], 40)  # a decode step
     np.testing.assert_allclose(half, ref, rtol=0, atol=2e-2 * np.abs(ref).max())
 
 
