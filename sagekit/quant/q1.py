@@ -9,12 +9,11 @@ multiple of 128 (a short last block pays a whole scale). Paper-style bits count 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
-from sagekit.quant.pack import n_words, pack_bits, unpack_bits
-from sagekit.quant.rtn import check_arrays, check_finite, check_padding, check_shape, matrix_stats, plus_minus
+from sagekit.quant.pack import pack_bits, unpack_bits
+from sagekit.quant.rtn import PackedSignScale, matrix_stats, plus_minus
 from sagekit.quant.stats import MatrixStats
 
 BLOCK = 128
@@ -24,27 +23,10 @@ def n_blocks(in_: int) -> int:
     return (in_ + BLOCK - 1) // BLOCK
 
 
-@dataclass
-class PackedQ1:
-    sign: np.ndarray  # uint32 (out, WORDS)
-    scale: np.ndarray  # float16 (out, NB)
-    shape: tuple[int, int]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in self.arrays().values())
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {"sign": self.sign, "scale": self.scale}
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], shape: tuple[int, int]) -> PackedQ1:
-        out, in_ = check_shape(shape)
-        a = check_arrays(arrays, {"sign": (np.uint32, (out, n_words(in_))),
-                                  "scale": (np.float16, (out, n_blocks(in_)))})
-        check_padding("sign", a["sign"], in_)
-        check_finite("scale", a["scale"], nonnegative=True)
-        return cls(**a, shape=(out, in_))
+class PackedQ1(PackedSignScale):
+    @staticmethod
+    def scale_shape(out: int, in_: int) -> tuple[int, ...]:
+        return (out, n_blocks(in_))
 
     def unpack(self) -> np.ndarray:
         in_ = self.shape[1]

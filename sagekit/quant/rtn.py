@@ -72,10 +72,16 @@ def matrix_stats(name: str, w: np.ndarray, w_hat: np.ndarray, nbytes: int, paper
 
 
 @dataclass
-class PackedRTN:
+class PackedSignScale:
+    """A sign plane and FP16 scales (rtn: one per row; q1: one per block): storage and validation."""
+
     sign: np.ndarray  # uint32 (out, WORDS)
-    scale: np.ndarray  # float16 (out,)
+    scale: np.ndarray  # float16, of scale_shape(out, in)
     shape: tuple[int, int]
+
+    @staticmethod
+    def scale_shape(out: int, in_: int) -> tuple[int, ...]:
+        raise NotImplementedError
 
     @property
     def nbytes(self) -> int:
@@ -85,12 +91,19 @@ class PackedRTN:
         return {"sign": self.sign, "scale": self.scale}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], shape: tuple[int, int]) -> PackedRTN:
+    def from_arrays(cls, arrays: dict[str, np.ndarray], shape: tuple[int, int]) -> PackedSignScale:
         out, in_ = check_shape(shape)
-        a = check_arrays(arrays, {"sign": (np.uint32, (out, n_words(in_))), "scale": (np.float16, (out,))})
+        a = check_arrays(arrays, {"sign": (np.uint32, (out, n_words(in_))),
+                                  "scale": (np.float16, cls.scale_shape(out, in_))})
         check_padding("sign", a["sign"], in_)
         check_finite("scale", a["scale"], nonnegative=True)
         return cls(**a, shape=(out, in_))
+
+
+class PackedRTN(PackedSignScale):
+    @staticmethod
+    def scale_shape(out: int, in_: int) -> tuple[int, ...]:
+        return (out,)
 
     def unpack(self) -> np.ndarray:
         return plus_minus(unpack_bits(self.sign, self.shape[1])) * self.scale.astype(np.float32)[:, None]
