@@ -1,12 +1,15 @@
-"""Sweep methods x knobs on one model; write the Pareto table (RESULTS.md), the raw rows and the plot.
+"""Sweep methods x knobs on one model; write the Pareto table into RESULTS.md, the raw rows and the plot.
 
-Every configuration goes through sagekit's own compress() and is scored by evaluate() against the FP16
-reference in the same pass (perplexity, KL(reference || model), top-1 agreement), so rows differ only in the
-method. Columns: paper-style bits are what each method's paper counts (weight bits + the scale bits it
-admits to; see each sagekit.quant module's docstring), true bits are 8 x stored bytes / weights, for the
-decoder linear layers and for the whole file. The Pareto frontier is taken over (linear true bits, ppl).
+Every configuration goes through sagekit's own compress(); then every compressed model is scored in one pass
+over the windows: each window runs the FP16 reference once and every model on it (perplexity,
+KL(reference || model), top-1 agreement), so rows differ only in the method. The run is resumable: the
+compressed folders and the running sums after each window live in --work, and a rerun (same protocol)
+carries on where the last one stopped. Columns: paper-style bits are what each method's paper counts
+(weight bits + the scale bits it admits to; see each sagekit.quant module's docstring), true bits are
+8 x stored bytes / weights, for the decoder linear layers and for the whole file. The Pareto frontier is
+taken over (linear true bits, ppl).
 
-    python tools/pareto.py                                   # the full protocol: hours on a CPU
+    python tools/pareto.py --work /data/pareto                # the full protocol: hours on a CPU
     python tools/pareto.py --max-windows 1 --calib-samples 4 --calib-seqlen 256 --methods rtn,pbllm --out /tmp/p
 
 matplotlib comes from the optional `plot` extra (pip install -e '.[plot]'); without it the plot is skipped.
@@ -16,9 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,30 +28,34 @@ from typing import Any
 import numpy as np
 
 from sagekit.backend import get_backend
-from sagekit.eval.perplexity import evaluate, read_text
+from sagekit.eval.perplexity import Tally, log_probs, read_text, windows
 from sagekit.io.checkpoint import Checkpoint
 from sagekit.io.demo import demo_model
 from sagekit.model.load import load_model
 from sagekit.model.tokenizer import load_tokenizer
 from sagekit.quant.calibration import CalibOptions
 from sagekit.quant.compress import CALIBRATED, CompressOptions, compress
-from sagekit.quant.sage import SageKnobs
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext2"
+BEGIN, END = "<!-- pareto:begin (written by tools/pareto.py) -->", "<!-- pareto:end -->"
 
-# (method, knobs label, CompressOptions fields other than method/calib)
+# (method, knobs label, CompressOptions fields other than method/calib). pbllm 0.1 and billm's block 128 are
+# their papers' settings; pbllm 0.05 and the sage targets put points near each other's sizes.
 SWEEP: list[tuple[str, str, dict[str, Any]]] = [
     ("rtn", "-", {}),
     ("q1", "block 128", {}),
     ("billm", "block 128", {}),
     ("pbllm", "fraction 0.05", {"baseline_knobs": {"fraction": 0.05}}),
     ("pbllm", "fraction 0.1", {"baseline_knobs": {"fraction": 0.1}}),
-    ("pbllm", "fraction 0.2", {"baseline_knobs": {"fraction": 0.2}}),
-    ("sage", "rate-penalty 0.2", {}),
-    ("sage", "rate-penalty 0.05", {"knobs": SageKnobs(rate_penalty=0.05)}),
+    ("sage", "default (rate-penalty 0.2)", {}),
     ("sage", "target-bpw 1.5", {"target_bpw": 1.5}),
     ("sage", "target-bpw 2.0", {"target_bpw": 2.0}),
+    ("sage", "target-bpw 2.5", {"target_bpw": 2.5}),
 ]
+
+
+def slug(method: str, label: str) -> str:
+    return method + "-" + "".join(c for c in label.split("(")[0] if c.isalnum() or c == ".")
 
 
 def pareto_front(rows: list[dict[str, Any]]) -> set[int]:
@@ -62,61 +68,109 @@ def pareto_front(rows: list[dict[str, Any]]) -> set[int]:
     return front
 
 
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def check_setup(work: Path, setup: dict[str, Any]) -> None:
+    """A --work folder belongs to one protocol: resuming it under another would mix two sweeps in one table."""
+    path = work / "setup.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in setup.keys() | old.keys() if old.get(k) != setup.get(k))
+        if changed:
+            sys.exit(f"error: {work} holds a sweep with other settings ({', '.join(changed)}): "
+                     "pass a new --work folder or delete this one")
+    else:
+        write_json(path, setup)
+
+
+def compress_all(src: Path, work: Path, sweep: list[tuple[str, str, dict[str, Any]]], calib: CalibOptions,
+                 device: str, workers: int) -> dict[str, dict[str, Any]]:
+    """report.json of every configuration, compressing those not finished yet (compress() resumes its own store)."""
+    reports = {}
+    for method, label, fields in sweep:
+        folder = work / slug(method, label)
+        if not (folder / "report.json").exists():
+            print(f"{method} {label}: compress", file=sys.stderr, flush=True)
+            opts = CompressOptions(method=method, calib=calib if method in CALIBRATED else None, device=device,
+                                   workers=workers, **fields)
+            compress(src, folder, opts)
+        reports[slug(method, label)] = json.loads((folder / "report.json").read_text())
+    return reports
+
+
+def evaluate_all(src: Path, work: Path, names: list[str], ids: np.ndarray, seqlen: int, max_windows: int | None,
+                 device: str) -> tuple[dict[str, Tally], int, float]:
+    """Running sums of every model (and the reference itself) over all windows, saved after each window."""
+    backend = get_backend(device)
+    wins = windows(ids, seqlen, max_windows)
+    path = work / "eval.json"
+    state = json.loads(path.read_text()) if path.exists() else {"next_window": 0, "seconds": 0.0, "tallies": {}}
+    tallies = {n: Tally(**state["tallies"].get(n, {})) for n in ["fp16", *names]}
+    if state["next_window"] < len(wins):
+        ref = load_model(src, backend, seqlen)
+        models = {n: load_model(work / n, backend, seqlen) for n in names}
+        for w in range(state["next_window"], len(wins)):
+            t0 = time.perf_counter()
+            ref_logp = log_probs(ref, wins[w])
+            tallies["fp16"].add(backend.xp, ref_logp, wins[w], ref_logp)
+            for n, model in models.items():
+                tallies[n].add(backend.xp, log_probs(model, wins[w]), wins[w], ref_logp)
+            state["seconds"] += time.perf_counter() - t0
+            state["next_window"] = w + 1
+            state["tallies"] = {n: vars(t) for n, t in tallies.items()}
+            write_json(path, state)
+            left = state["seconds"] / (w + 1) * (len(wins) - w - 1)
+            print(f"window {w + 1}/{len(wins)}: {time.perf_counter() - t0:.0f} s, about {left / 60:.0f} min left",
+                  file=sys.stderr, flush=True)
+    return tallies, len(wins), state["seconds"]
+
+
 def run_sweep(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     src = Path(args.model) if args.model else demo_model()
-    backend = get_backend(args.device)
-    tok = load_tokenizer(src if src.is_dir() else src.parent)
-    ids = np.asarray(tok.encode(read_text(args.text)).ids, dtype=np.int64)
-    ref = load_model(src, backend, args.seqlen)
+    sweep = [s for s in SWEEP if s[0] in args.methods]
+    calib = CalibOptions(args.calib, args.calib_samples, args.calib_seqlen, args.calib_seed)
+    setup = {"model": str(src), "text": str(args.text), "seqlen": args.seqlen, "max_windows": args.max_windows,
+             **calib.to_dict(), "rows": [f"{m} {label}" for m, label, _ in sweep]}
+    args.work.mkdir(parents=True, exist_ok=True)
+    check_setup(args.work, setup)
+    reports = compress_all(src, args.work, sweep, calib, args.device, args.workers)
+    ids = np.asarray(load_tokenizer(src if src.is_dir() else src.parent).encode(read_text(args.text)).ids, dtype=np.int64)
+    names = [slug(m, label) for m, label, _ in sweep]
+    tallies, n_windows, seconds = evaluate_all(src, args.work, names, ids, args.seqlen, args.max_windows, args.device)
     with Checkpoint(src) as ckpt:
-        fp16 = evaluate(ref, ids, args.seqlen, args.max_windows)
         params = sum(int(np.prod(s)) for s in ckpt.config.expected_shapes().values())
+        fp16 = tallies["fp16"].result(n_windows, args.seqlen, seconds, True)
         rows = [{"method": "fp16", "knobs": "-", "paper_bits": 16.0, "linear_true_bpw": 16.0,
                  "file_true_bpw": 8.0 * ckpt.file_bytes / params, "file_bytes": ckpt.file_bytes, "ppl": fp16.ppl,
-                 "kl": 0.0, "top1": 1.0, "seconds": 0.0}]
-    calib = CalibOptions(args.calib, args.calib_samples, args.calib_seqlen, args.calib_seed)
-    work = Path(tempfile.mkdtemp(prefix="pareto-", dir=args.out))
-    try:
-        for method, label, fields in SWEEP:
-            if method not in args.methods:
-                continue
-            print(f"{method} {label}: compress", file=sys.stderr, flush=True)
-            opts = CompressOptions(method=method, calib=calib if method in CALIBRATED else None, device=args.device,
-                                   workers=args.workers, **fields)
-            folder = work / f"{method}-{label.replace(' ', '')}"
-            t0 = time.perf_counter()
-            t = compress(src, folder, opts)["totals"]
-            seconds = time.perf_counter() - t0
-            print(f"{method} {label}: eval", file=sys.stderr, flush=True)
-            r = evaluate(load_model(folder, backend, args.seqlen), ids, args.seqlen, args.max_windows, reference=ref)
-            rows.append({"method": method, "knobs": label,
-                         "paper_bits": t["linear_paper_bits"] + t["linear_paper_scale_bits"],
-                         "linear_true_bpw": t["linear_true_bpw"], "file_true_bpw": t["file_true_bpw"],
-                         "file_bytes": t["file_bytes"], "ppl": r.ppl, "kl": r.kl, "top1": r.top1, "seconds": seconds})
-            shutil.rmtree(folder)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    setup = {"model": str(src), "text": str(args.text), "seqlen": args.seqlen, "windows": fp16.windows,
-             "tokens": fp16.tokens, "calib": str(args.calib), "calib_samples": args.calib_samples,
-             "calib_seqlen": args.calib_seqlen, "calib_seed": args.calib_seed, "device": backend.describe(),
-             "date": time.strftime("%Y-%m-%d")}
+                 "kl": fp16.kl, "top1": fp16.top1, "seconds": 0.0}]
+    for (method, label, _), name in zip(sweep, names):
+        t, r = reports[name]["totals"], tallies[name].result(n_windows, args.seqlen, seconds, True)
+        rows.append({"method": method, "knobs": label,
+                     "paper_bits": t["linear_paper_bits"] + t["linear_paper_scale_bits"],
+                     "linear_true_bpw": t["linear_true_bpw"], "file_true_bpw": t["file_true_bpw"],
+                     "file_bytes": t["file_bytes"], "ppl": r.ppl, "kl": r.kl, "top1": r.top1, "seconds": t["seconds"]})
+    setup.update(windows=n_windows, tokens=fp16.tokens, device=get_backend(args.device).describe(),
+                 eval_seconds=round(seconds), date=time.strftime("%Y-%m-%d"))
     return rows, setup
 
 
 def markdown(rows: list[dict[str, Any]], setup: dict[str, Any]) -> str:
     front = pareto_front(rows)
     lines = [
-        "# Results: SAGE-PTQ against the baselines, one harness",
-        "",
         f"Model `{Path(setup['model']).name}`; perplexity on `{Path(setup['text']).name}`, {setup['windows']} windows "
-        f"of {setup['seqlen']} tokens ({setup['tokens']} scored); KL(FP16 || model) per token and top-1 agreement "
+        f"of {setup['seqlen']} tokens ({setup['tokens']:,} scored); KL(FP16 || model) per token and top-1 agreement "
         f"in the same pass. billm/pbllm calibrate on `{Path(setup['calib']).name}`: {setup['calib_samples']} windows "
-        f"of {setup['calib_seqlen']} tokens, seed {setup['calib_seed']}. {setup['device']}, {setup['date']}. "
-        "Produced by `tools/pareto.py`.",
+        f"of {setup['calib_seqlen']} tokens, seed {setup['calib_seed']}. {setup['device']}, {setup['date']}; the "
+        f"evaluation pass took {setup['eval_seconds'] / 3600:.1f} h. Produced by `tools/pareto.py`.",
         "",
         "Paper bits: what each method's paper counts (sage: weight + scaling bits; rtn, q1: sign + scales; billm: "
         "1 + salient-column share; pbllm: 1 + 7 x salient share). True bits: 8 x stored bytes / weights. "
-        "**Bold** rows are on the Pareto frontier of perplexity vs linear true bits.",
+        "**Bold** rows are on the Pareto frontier of perplexity vs linear true bits. Compress s includes the "
+        "calibration pass.",
         "",
         "| method | knobs | paper bits | true bits (linear) | true bits (file) | file bytes | ppl | KL | top-1 "
         "| compress s |",
@@ -125,9 +179,18 @@ def markdown(rows: list[dict[str, Any]], setup: dict[str, Any]) -> str:
     for i, r in enumerate(rows):
         b = "**" if i in front else ""
         lines.append(f"| {b}{r['method']}{b} | {r['knobs']} | {r['paper_bits']:.3f} | {b}{r['linear_true_bpw']:.3f}{b} "
-                     f"| {r['file_true_bpw']:.3f} | {r['file_bytes']:,} | {b}{r['ppl']:.2f}{b} | {r['kl']:.4f} "
-                     f"| {r['top1']:.3f} | {r['seconds']:.0f} |")
+                     f"| {r['file_true_bpw']:.3f} | {r['file_bytes']:,} | {b}{r['ppl']:,.2f}{b} | {r['kl']:.4f} "
+                     f"| {r['top1']:.4f} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def write_results(path: Path, table: str) -> None:
+    """Put the table between the markers of RESULTS.md, keeping the prose around it (a new file if none)."""
+    text = path.read_text() if path.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        text += f"\n## Pareto table\n\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    path.write_text(f"{head}{BEGIN}\n{table}{END}{rest.split(END, 1)[1]}")
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> bool:
@@ -145,8 +208,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
         pts = [r for r in rows if r["method"] == method]
         ax.scatter([r["linear_true_bpw"] for r in pts], [r["ppl"] for r in pts], label=method, s=30)
     ax.plot([r["linear_true_bpw"] for r in front], [r["ppl"] for r in front], "k--", lw=0.8, label="Pareto frontier")
+    ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("true bits per weight (decoder linear layers)")
+    ax.set_xlabel("true bits per weight (decoder linear layers, log scale)")
     ax.set_ylabel("perplexity (log scale)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -168,17 +232,21 @@ def main() -> None:
     p.add_argument("--methods", default="rtn,q1,billm,pbllm,sage", help="comma-separated subset of the sweep")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs")
+    p.add_argument("--work", type=Path, default=Path("pareto-work"),
+                   help="compressed folders and running sums; rerun with the same folder to resume")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs",
+                   help="where RESULTS.md (table between its markers), results.json and pareto.png go")
     args = p.parse_args()
     args.methods = set(args.methods.split(","))
     if args.text.resolve() == args.calib.resolve():
         p.error("--calib must not be the evaluation text")
     args.out.mkdir(parents=True, exist_ok=True)
     rows, setup = run_sweep(args)
-    (args.out / "results.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
-    (args.out / "RESULTS.md").write_text(markdown(rows, setup))
+    write_json(args.out / "results.json", {"setup": setup, "rows": rows})
+    table = markdown(rows, setup)
+    write_results(args.out / "RESULTS.md", table)
     plot(rows, args.out / "pareto.png")
-    print((args.out / "RESULTS.md").read_text())
+    print(table)
 
 
 if __name__ == "__main__":

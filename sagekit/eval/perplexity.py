@@ -53,32 +53,46 @@ def windows(ids: np.ndarray, seqlen: int, max_windows: int | None) -> np.ndarray
     return ids[: n * seqlen].reshape(n, seqlen)
 
 
-def _log_softmax(xp: Any, logits: Any) -> Any:
-    m = logits.max(axis=-1, keepdims=True)
-    shifted = logits - m
-    return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
+def log_probs(model: Llama, window: np.ndarray) -> Any:
+    """(seqlen - 1, vocab) float32 log-probabilities of the next token at every position but the last."""
+    logits = model.forward(window, 0)[:-1]
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - model.xp.log(model.xp.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+@dataclass
+class Tally:
+    """Running sums over scored positions, so one reference pass can score several models window by window."""
+
+    nll: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+    scored: int = 0
+
+    def add(self, xp: Any, logp: Any, window: np.ndarray, ref_logp: Any | None = None) -> None:
+        n = len(window) - 1
+        self.nll -= float(logp[xp.arange(n), xp.asarray(window[1:])].sum())
+        if ref_logp is not None:
+            self.kl += float((xp.exp(ref_logp) * (ref_logp - logp)).sum())
+            self.agree += int((ref_logp.argmax(axis=-1) == logp.argmax(axis=-1)).sum())
+        self.scored += n
+
+    def result(self, windows: int, seqlen: int, seconds: float, with_reference: bool) -> EvalResult:
+        return EvalResult(ppl=math.exp(self.nll / self.scored), nll=self.nll / self.scored, tokens=self.scored,
+                          windows=windows, seqlen=seqlen, seconds=seconds,
+                          kl=self.kl / self.scored if with_reference else None,
+                          top1=self.agree / self.scored if with_reference else None)
 
 
 def evaluate(model: Llama, ids: np.ndarray, seqlen: int, max_windows: int | None = None,
              reference: Llama | None = None, on_window: Callable[[int, int], None] | None = None) -> EvalResult:
     """Score `ids`; with a reference model also the mean KL(reference || model) and top-1 agreement."""
-    xp = model.xp
     wins = windows(ids, seqlen, max_windows)
-    nll, kl, agree, scored = 0.0, 0.0, 0, 0
+    tally = Tally()
     start = time.perf_counter()
     for w, win in enumerate(wins):
-        logp = _log_softmax(xp, model.forward(win, 0)[:-1])
-        target = xp.asarray(win[1:])
-        nll -= float(logp[xp.arange(seqlen - 1), target].sum())
-        if reference is not None:
-            ref_logp = _log_softmax(xp, reference.forward(win, 0)[:-1])
-            kl += float((xp.exp(ref_logp) * (ref_logp - logp)).sum())
-            agree += int((ref_logp.argmax(axis=-1) == logp.argmax(axis=-1)).sum())
-        scored += seqlen - 1
+        tally.add(model.xp, log_probs(model, win), win, None if reference is None else log_probs(reference, win))
         if on_window:
             on_window(w + 1, len(wins))
     model.backend.synchronize()
-    return EvalResult(
-        ppl=math.exp(nll / scored), nll=nll / scored, tokens=scored, windows=len(wins), seqlen=seqlen,
-        seconds=time.perf_counter() - start,
-        kl=None if reference is None else kl / scored, top1=None if reference is None else agree / scored)
+    return tally.result(len(wins), seqlen, time.perf_counter() - start, reference is not None)
