@@ -21,6 +21,8 @@ import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
+from types import FunctionType
 
 import numba
 import numpy as np
@@ -264,10 +266,14 @@ class SageCPU:
     shape: tuple[int, int]
     plane_rows: tuple[np.ndarray, ...] = ()  # the rows of `planes`, made once: the kernel takes a tuple
 
-    @property
+    @cached_property
     def kernel_args(self) -> tuple:
-        """What _lut_matmul takes after x, in its order."""
+        """What _lut_matmul takes after x, in its order (made once: a decode step makes 200+ calls)."""
         return (self.plane_rows, self.beta, self.sal_ptr, self.sal_idx, self.sal_val, self.sal_scale)
+
+    @cached_property
+    def words(self) -> int:
+        return n_words(self.shape[1])
 
     @property
     def nbytes(self) -> int:
@@ -381,9 +387,18 @@ def _lut_matmul(x, planes, beta, sal_ptr, sal_idx, sal_val, sal_scale, y, words,
 
 
 
-# Small matrices (decode on narrow models) run serially: the same source compiled without a parallel
-# region, because waking the thread pool costs more than their whole product.
-_lut_matmul_serial = njit(cache=True, fastmath=True)(_lut_matmul.py_func)
+def _serial_twin(kernel):
+    """The kernel's source compiled without a parallel region, under a name of its own: Numba's cache keys
+    entries by function name and argument types only, so a twin sharing the name would load (or overwrite)
+    the parallel build and pay the thread pool's wake-up on every call."""
+    f = kernel.py_func
+    twin = FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
+    twin.__qualname__ = f.__qualname__ + "_serial"
+    return njit(cache=True, fastmath=True)(twin)
+
+
+# Small matrices (decode on narrow models) run serially: waking the thread pool costs more than their product.
+_lut_matmul_serial = _serial_twin(_lut_matmul)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -431,20 +446,19 @@ def sage_matmul(x: np.ndarray, k: SageCPU | PackedSage) -> np.ndarray:
     if x.shape[0] >= BLAS_MIN_TOKENS and len(k.beta) >= 4:
         _blas_matmul(x, k, y)
         return y
-    words = (in_ + 31) // 32
     if k.planes.size * 32 * x.shape[0] < PARALLEL_MIN_BITS:
-        _lut_matmul_serial(x, *k.kernel_args, y, words, 1)
+        _lut_matmul_serial(x, *k.kernel_args, y, k.words, 1)
     else:
-        _lut_matmul(x, *k.kernel_args, y, words, numba.get_num_threads())
+        _lut_matmul(x, *k.kernel_args, y, k.words, numba.get_num_threads())
     return y
 
 
 HALF_BLOCK_ROWS = 64  # rows converted into one scratch row at a time per thread
 HALF_BLAS_MIN_TOKENS = 16  # from here on, converting row tiles for BLAS beats the per-row dot products
 HALF_TO_F32 = np.float32(2.0 ** 112)  # moves a half's exponent bias (15) to a float's (127)
-# A decode step's lm_head (49152 x 576 on the demo) stays on the calling thread: on the 2-core VM, waking
-# the OpenMP pool once per token cost more (up to 3 ms) than the second core saved.
-HALF_PARALLEL_MIN_BITS = 1 << 30
+# A decode step's lm_head (49152 x 576 on the demo, 2.4 ms on one core of the 2-core VM, 1.7 ms on two)
+# is worth one wake-up of the thread pool; an embedding-sized row block is not.
+HALF_PARALLEL_MIN_BITS = 1 << 24
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -469,7 +483,7 @@ def _half_matmul(x, w, y):
                 y[t, r] = s * HALF_TO_F32
 
 
-_half_matmul_serial = njit(cache=True, fastmath=True)(_half_matmul.py_func)
+_half_matmul_serial = _serial_twin(_half_matmul)
 
 
 def half_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
