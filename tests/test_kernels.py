@@ -60,6 +60,15 @@ def test_cpu_matmul_takes_packed_and_checks_x():
         cpu.sage_matmul(np.zeros((2, 49), np.float32), p)
 
 
+@pytest.mark.parametrize("parallel, serial", [(cpu._lut_matmul, cpu._lut_matmul_serial),
+                                              (cpu._half_matmul, cpu._half_matmul_serial)])
+def test_serial_twins_have_cache_entries_of_their_own(parallel, serial):
+    """Numba keys its on-disk cache by function name: a twin sharing its parallel kernel's name loaded the
+    parallel build, and every small decode GEMV paid the thread pool's wake-up (16 us a call)."""
+    assert parallel.targetoptions.get("parallel") and not serial.targetoptions.get("parallel")
+    assert parallel._cache._cache_file._index_name != serial._cache._cache_file._index_name
+
+
 @pytest.mark.parametrize("n_tok", [1, 3, 16])
 def test_half_matmul_reads_fp16_bits_exactly(n_tok):
     """Every kind of half: zeros of both signs, subnormals, the largest, the smallest normal, ordinary values;
