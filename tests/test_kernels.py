@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from sagekit.kernels import cpu, cuda
-from sagekit.quant.pack import random_packed, unpack_sage
+from sagekit.quant.pack import PackedSage, random_packed, unpack_sage
 
 SHAPES = [(37, 70), (129, 200), (576, 1536), (16, 32)]
 KERNEL_DIR = Path(cpu.__file__).resolve().parent
@@ -41,6 +41,31 @@ def test_cpu_matmul_matches_dense(out, in_, n_groups, salient):
     for n_tok in (1, 3, 20, 65):  # decode, small batches (one, two), and a prefill long enough for BLAS tiles
         x = rng.standard_normal((n_tok, in_)).astype(np.float32)
         assert_matches(cpu.sage_matmul(x, k), x, p, rel=1e-5)
+
+
+@pytest.mark.parametrize("n_par", [1, 2, 3])
+def test_decode_salient_pass_with_rows_of_every_length(n_par):
+    """Rows with 0, 1..SHORT_ROW and more corrections in one matrix: decode groups the short ones by count
+    and splits every group between the parallel parts."""
+    out, in_ = 300, 200
+    base = random_packed(out, in_, 2, 0.0, seed=11)
+    rng = np.random.default_rng(11)
+    counts = rng.choice([0, 1, 2, 3, 5, cpu.SHORT_ROW, cpu.SHORT_ROW + 1, 40], size=out)
+    cols = [np.sort(rng.choice(in_, c, replace=False)) for c in counts]
+    p = PackedSage.from_arrays({
+        "sign": base.sign, "gid": base.gid, "alpha": base.alpha.astype(np.float16),
+        "sal_ptr": np.concatenate([[0], np.cumsum(counts)]).astype(np.int32),
+        "sal_idx": np.concatenate(cols).astype(np.uint16),
+        "sal_val": (rng.integers(1, 8, counts.sum()) * rng.choice([-1, 1], counts.sum())).astype(np.int8),
+        "sal_scale": np.where(counts > 0, rng.uniform(0.005, 0.02, out), 0.0).astype(np.float16),
+    }, (out, in_))
+    k = cpu.prepare(p)
+    assert k.long_rows.size == (counts > cpu.SHORT_ROW).sum()
+    assert k.short_rows.size == ((counts > 0) & (counts <= cpu.SHORT_ROW)).sum()
+    x = rng.standard_normal((1, in_)).astype(np.float32)
+    y = np.full((1, out), np.nan, dtype=np.float32)
+    (cpu._lut_matmul_serial if n_par == 1 else cpu._lut_matmul)(x, *k.kernel_args, y, k.words, n_par)
+    assert_matches(y, x, p, rel=1e-5)
 
 
 def test_cpu_matmul_sixteen_groups_and_no_more():
@@ -104,6 +129,22 @@ def test_decode_attention_matches_softmax_attention(n_heads, n_kv, length):
     p = np.exp(scores - scores.max(axis=1, keepdims=True))
     ref = np.einsum("hs,hsd->hd", p / p.sum(axis=1, keepdims=True), np.repeat(values[:, :length], rep, axis=0))
     np.testing.assert_allclose(out, ref, atol=2e-6)
+
+
+@pytest.mark.parametrize("t", [1, 7])
+def test_rmsnorm_and_rope_kernels_match_their_formulas(t):
+    """The Numba RMSNorm and RoPE the CPU model uses, against the NumPy formulas in float64."""
+    rng = np.random.default_rng(t)
+    x = (rng.standard_normal((t, 96)) * 3).astype(np.float32)
+    w = rng.uniform(0.5, 2, 96).astype(np.float32)
+    ref = x / np.sqrt((x.astype(np.float64) ** 2).mean(axis=1, keepdims=True) + 1e-5) * w
+    np.testing.assert_allclose(cpu.rmsnorm(x, w, 1e-5), ref, rtol=2e-6, atol=1e-6)
+    h = rng.standard_normal((t, 3, 16)).astype(np.float32)
+    angles = rng.uniform(0, 50, (t, 8))
+    cos, sin = (np.concatenate([f(angles)] * 2, axis=1).astype(np.float32) for f in (np.cos, np.sin))
+    rotated = np.concatenate([-h[..., 8:], h[..., :8]], axis=-1).astype(np.float64)
+    ref = h * cos[:, None, :].astype(np.float64) + rotated * sin[:, None, :]
+    np.testing.assert_allclose(cpu.rope(h, cos, sin), ref, rtol=1e-6, atol=1e-6)
 
 
 def test_exp_without_libm_is_accurate_for_softmax_weights():

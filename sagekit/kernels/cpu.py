@@ -39,6 +39,7 @@ TOKEN_BATCH = ROWS  # tokens sharing one pass over the planes; the salient pass 
 BLAS_MIN_TOKENS = 64  # prefill with 4+ Walsh planes: unpacked row tiles through BLAS beat 4+ lookups a weight
 BLAS_TILE_ROWS = 128  # rows unpacked at a time: the only dense float32 scratch, (in, 128)
 PARALLEL_MIN_BITS = 1 << 22  # smaller matrices run on the calling thread: waking others costs more than it saves
+SHORT_ROW = 16  # decode's salient pass: rows with up to this many corrections go 16 rows to a gather
 MAX_GROUPS = 16  # 2^NB Walsh planes cost one G = 1 matrix each; past 16 a lookup per code would be the way
 
 
@@ -263,13 +264,22 @@ class SageCPU:
     sal_idx: np.ndarray  # uint16 (nnz,)
     sal_val: np.ndarray  # int8 (nnz,)
     sal_scale: np.ndarray  # float32 (out,)
+    # Decode's copy of the salient entries (most rows hold 0-5, so a loop per row is all branch misses):
+    # rows with c = 1..SHORT_ROW entries are grouped by c, and group c's entries stored column-major, entry j
+    # of its i-th row at [offset_c + j * n_c + i], so one gather serves 16 rows; longer rows use the CSR.
+    short_rows: np.ndarray  # int32: the rows of group 1, then group 2, ...
+    short_ptr: np.ndarray  # int64 (SHORT_ROW + 2,): group c is short_rows[short_ptr[c] : short_ptr[c + 1]]
+    short_idx: np.ndarray  # uint16
+    short_val: np.ndarray  # int8
+    long_rows: np.ndarray  # int32: rows with more than SHORT_ROW entries
     shape: tuple[int, int]
     plane_rows: tuple[np.ndarray, ...] = ()  # the rows of `planes`, made once: the kernel takes a tuple
 
     @cached_property
     def kernel_args(self) -> tuple:
         """What _lut_matmul takes after x, in its order (made once: a decode step makes 200+ calls)."""
-        return (self.plane_rows, self.beta, self.sal_ptr, self.sal_idx, self.sal_val, self.sal_scale)
+        return (self.plane_rows, self.beta, self.sal_ptr, self.sal_idx, self.sal_val, self.sal_scale,
+                self.short_rows, self.short_ptr, self.short_idx, self.short_val, self.long_rows)
 
     @cached_property
     def words(self) -> int:
@@ -277,7 +287,8 @@ class SageCPU:
 
     @property
     def nbytes(self) -> int:
-        arrays = (self.planes, self.beta, self.values, self.sal_ptr, self.sal_idx, self.sal_val, self.sal_scale)
+        arrays = (self.planes, self.beta, self.values, self.sal_ptr, self.sal_idx, self.sal_val, self.sal_scale,
+                  self.short_rows, self.short_ptr, self.short_idx, self.short_val, self.long_rows)
         return sum(int(a.nbytes) for a in arrays)
 
 
@@ -296,6 +307,19 @@ def walsh_beta(alpha: np.ndarray, nb: int) -> np.ndarray:
     return beta.astype(np.float32)
 
 
+def group_short_rows(sal_ptr: np.ndarray, sal_idx: np.ndarray, sal_val: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(short_rows, short_ptr, short_idx, short_val, long_rows) of SageCPU from the CSR salient entries."""
+    count = np.diff(sal_ptr.astype(np.int64))
+    start = sal_ptr[:-1].astype(np.int64)
+    groups = [np.flatnonzero(count == c) for c in range(1, SHORT_ROW + 1)]
+    short_ptr = np.zeros(SHORT_ROW + 2, dtype=np.int64)
+    short_ptr[2:] = np.cumsum([g.size for g in groups])
+    entries = [(start[g][None, :] + np.arange(c)[:, None]).reshape(-1) for c, g in enumerate(groups, 1)]
+    entries = np.concatenate(entries) if entries else np.zeros(0, dtype=np.int64)
+    return (np.concatenate(groups).astype(np.int32), short_ptr, sal_idx[entries].astype(np.uint16),
+            sal_val[entries].astype(np.int8), np.flatnonzero(count > SHORT_ROW).astype(np.int32))
+
+
 def prepare(p: PackedSage) -> SageCPU:
     """Transpose the planes to the vertical layout (rows padded to 16) and precompute the Walsh weights."""
     if p.n_groups > MAX_GROUPS:
@@ -308,6 +332,7 @@ def prepare(p: PackedSage) -> SageCPU:
     planes[:, : words * out16].reshape(n_bits, words, out16)[:, :, :out] = stacked.transpose(0, 2, 1)
     alpha = np.zeros(1 << (n_bits - 1), dtype=np.float32)
     alpha[: p.n_groups] = p.alpha
+    short_rows, short_ptr, short_idx, short_val, long_rows = group_short_rows(p.sal_ptr, p.sal_idx, p.sal_val)
     return SageCPU(
         planes=planes,
         beta=walsh_beta(alpha, n_bits - 1),
@@ -316,6 +341,11 @@ def prepare(p: PackedSage) -> SageCPU:
         sal_idx=p.sal_idx,
         sal_val=p.sal_val,
         sal_scale=p.sal_scale.astype(np.float32),
+        short_rows=short_rows,
+        short_ptr=short_ptr,
+        short_idx=short_idx,
+        short_val=short_val,
+        long_rows=long_rows,
         shape=p.shape,
         plane_rows=tuple(planes),
     )
@@ -338,9 +368,40 @@ def _fill_tables(x, tab):
                 t[m + (1 << i)] = t[m] + two_x
 
 
+@njit(cache=True, fastmath=True)
+def _salient_decode(x, y, part, n_par, sal_ptr, sal_idx, sal_val, sal_scale, short_rows, short_ptr, short_idx,
+                    short_val, long_rows):
+    """y[r] += sal_scale[r] * sum_j sal_val[j] * x[sal_idx[j]] over the salient entries of row r, for this
+    part's share of each row group (parts touch disjoint rows). Layout: as SageCPU's short_* and CSR."""
+    s = np.empty(ROWS, dtype=np.float32)
+    offset = 0
+    for c in range(1, short_ptr.size - 1):
+        first, n = short_ptr[c], short_ptr[c + 1] - short_ptr[c]
+        for i0 in range(n * part // n_par, n * (part + 1) // n_par, ROWS):
+            m = min(ROWS, n * (part + 1) // n_par - i0)
+            s[:] = 0
+            for j in range(c):
+                e = offset + j * n + i0
+                for i in range(m):
+                    s[i] += np.float32(short_val[e + i]) * x[short_idx[e + i]]
+            for i in range(m):
+                r = short_rows[first + i0 + i]
+                y[r] += sal_scale[r] * s[i]
+        offset += c * n
+    n_long = long_rows.size
+    for r in long_rows[n_long * part // n_par : n_long * (part + 1) // n_par]:
+        cols, vals = sal_idx[sal_ptr[r] : sal_ptr[r + 1]], sal_val[sal_ptr[r] : sal_ptr[r + 1]]
+        t = np.float32(0)
+        for j in range(cols.size):
+            t += np.float32(vals[j]) * x[cols[j]]
+        y[r] += sal_scale[r] * t
+
+
 @njit(cache=True, parallel=True, fastmath=True)
-def _lut_matmul(x, planes, beta, sal_ptr, sal_idx, sal_val, sal_scale, y, words, n_par):
-    """Layout: x (T, in) f32; planes a tuple of 1+NB u32 vertical planes as in SageCPU; y (T, out) f32."""
+def _lut_matmul(x, planes, beta, sal_ptr, sal_idx, sal_val, sal_scale, short_rows, short_ptr, short_idx, short_val,
+                long_rows, y, words, n_par):
+    """Layout: x (T, in) f32; planes a tuple of 1+NB u32 vertical planes and the salient arrays as in SageCPU;
+    y (T, out) f32."""
     n_tok, in_ = x.shape
     out = y.shape[1]
     out16 = (planes[0].size - ROWS) // words
@@ -370,21 +431,19 @@ def _lut_matmul(x, planes, beta, sal_ptr, sal_idx, sal_val, sal_scale, y, words,
                     _lut_planes(
                         acc, (b - b0) * ROWS, nrow, planes, k * out16 + b * ROWS, tab, k * 128, words * 128, tb, beta
                     )
+            if n_tok == 1:
+                y[t0, b0 * ROWS : min(out, b1 * ROWS)] = acc[: min(out, b1 * ROWS) - b0 * ROWS]
+                continue
             sal = np.zeros(ROWS, dtype=np.float32)
             for r in range(b0 * ROWS, min(out, b1 * ROWS)):
-                j0, j1 = np.int64(sal_ptr[r]), np.int64(sal_ptr[r + 1])
-                if n_tok == 1:  # decode: a gather-vectorised dot product over the row's salient columns
-                    cols, vals, xr = sal_idx[j0:j1], sal_val[j0:j1], x[t0]
-                    s = np.float32(0)
-                    for j in range(cols.size):
-                        s += np.float32(vals[j]) * xr[cols[j]]
-                    sal[0] = s
-                else:
-                    sal[:] = 0
-                    _sparse_row16(sal, 0, xt_flat, sal_idx, sal_val, j0, j1)
+                sal[:] = 0
+                _sparse_row16(sal, 0, xt_flat, sal_idx, sal_val, np.int64(sal_ptr[r]), np.int64(sal_ptr[r + 1]))
                 for t in range(tb):
                     y[t0 + t, r] = acc[t * nrow + r - b0 * ROWS] + sal_scale[r] * sal[t]
-
+        if n_tok == 1:
+            for part in prange(n_par):
+                _salient_decode(x[0], y[0], part, n_par, sal_ptr, sal_idx, sal_val, sal_scale, short_rows, short_ptr,
+                                short_idx, short_val, long_rows)
 
 
 def _serial_twin(kernel):
@@ -553,3 +612,35 @@ def decode_attention(q, keys, values, length, out):
             for e in range(d):
                 o[e] += p[j] * v[j, e]
         o *= np.float32(1) / total
+
+
+@njit(cache=True, fastmath=True)
+def rmsnorm(x, weight, eps):
+    """x / rms(x) * weight per row, in one pass over each row. Layout: x (T, dim) f32, weight (dim,) f32.
+    NumPy needs seven calls for this, ~8 us at one token: a decode step makes 61 of them."""
+    t, dim = x.shape
+    out = np.empty_like(x)
+    for i in range(t):
+        ss = np.float32(0)
+        for j in range(dim):
+            ss += x[i, j] * x[i, j]
+        r = np.float32(1) / np.sqrt(ss / np.float32(dim) + np.float32(eps))
+        for j in range(dim):
+            out[i, j] = x[i, j] * r * weight[j]
+    return out
+
+
+@njit(cache=True, fastmath=True)
+def rope(x, cos, sin):
+    """Rotary embedding in the HF layout (dim j paired with j + D/2). Layout: x (T, H, D) f32; cos and sin
+    (T, D) f32, the rows of x's positions."""
+    t, heads, d = x.shape
+    half = d // 2
+    out = np.empty_like(x)
+    for i in range(t):
+        for h in range(heads):
+            for j in range(half):
+                a, b = x[i, h, j], x[i, h, j + half]
+                out[i, h, j] = a * cos[i, j] - b * sin[i, j]
+                out[i, h, j + half] = b * cos[i, j + half] + a * sin[i, j + half]
+    return out
