@@ -376,8 +376,10 @@ def bench(
                                          "(a dense 7B twin needs 26 GB in float32 on the CPU)."),
     groups: int = typer.Option(1, min=1, max=8, help="With --shape: group count G of the random weights."),
     salient: float = typer.Option(0.01, min=0.0, max=0.5, help="With --shape: salient fraction."),
-    decode_tokens: int = typer.Option(32, min=1, help="Decode steps timed."),
-    prefill_tokens: int = typer.Option(512, min=1, help="Prompt length of the timed prefill."),
+    decode_tokens: int = typer.Option(128, min=1, help="Decode steps timed, from an empty cache (llama-bench's "
+                                      "tg128) and again after the prompt (decode at depth)."),
+    prefill_tokens: int = typer.Option(512, min=1, help="Prompt length of the timed prefill; also the depth of "
+                                       "the second decode timing."),
     repeats: int = typer.Option(20, min=1, help="Repeats per matrix timing (median reported)."),
     rounds: int = typer.Option(3, min=1, help="Decode/prefill timings alternate packed and dense this many "
                                "times; medians are reported (--json also lists every round)."),
@@ -412,7 +414,10 @@ def bench(
             t.add_row(m["name"], "x".join(map(str, m["shape"])), f"{m['ms']:.3f}", f"{m['dense_ms']:.3f}",
                       f"{m['speedup']:.2f}x", f"{m['gbps']:.1f}", f"{100 * m['peak_fraction']:.1f}")
         out.print(t)
+        depth, dense_depth = speeds["decode_depth_tok_s"], speeds["dense_decode_depth_tok_s"]
         out.print(f"decode  {decode:8.1f} tok/s packed  {dense_decode:8.1f} tok/s dense  "
-                  f"({decode / dense_decode:.2f}x)")
+                  f"({decode / dense_decode:.2f}x, {decode_tokens} tokens from an empty cache)")
+        out.print(f"decode  {depth:8.1f} tok/s packed  {dense_depth:8.1f} tok/s dense  "
+                  f"({depth / dense_depth:.2f}x, {decode_tokens} tokens after the {prefill_tokens}-token prompt)")
         out.print(f"prefill {prefill:8.1f} tok/s packed  {dense_prefill:8.1f} tok/s dense  "
                   f"({prefill / dense_prefill:.2f}x, {prefill_tokens} tokens)")

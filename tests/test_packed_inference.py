@@ -64,8 +64,10 @@ def test_bench_json_has_every_documented_field():
                                  "--repeats", "1", "--rounds", "2", "--device", "cpu", "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output.strip().splitlines()[-1])
-    for key in ("matrices", "decode_tok_s", "dense_decode_tok_s", "prefill_tok_s", "dense_prefill_tok_s", "device"):
+    for key in ("matrices", "decode_tok_s", "dense_decode_tok_s", "prefill_tok_s", "dense_prefill_tok_s", "device",
+                "decode_depth_tok_s", "dense_decode_depth_tok_s"):
         assert key in d
+    assert d["depth"] == 4 and d["decode_depth_tok_s"] > 0
     assert len(d["rounds"]["dense_decode"]) == 2 and d["decode_tok_s"] > 0
     m = d["matrices"][0]
     assert {"name", "shape", "ms", "dense_ms", "gbps", "peak_fraction"} <= set(m)

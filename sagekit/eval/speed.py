@@ -125,32 +125,40 @@ def matrix_speed(pair: ModelPair, repeats: int) -> list[dict[str, Any]]:
     return out
 
 
-def model_speed(model: Llama, decode_tokens: int, prefill_tokens: int) -> tuple[float, float]:
-    """(decode tok/s, prefill tok/s) at batch 1: a prefill of prefill_tokens, then decode steps."""
+def _decode(model: Llama, tokens: np.ndarray, start: int) -> float:
+    """tok/s of one-token forward steps at positions start.., each read back to the host as sampling would."""
+    t0 = time.perf_counter()
+    for i, tok in enumerate(tokens):
+        model.backend.to_numpy(model.forward(tokens[i:i + 1], start + i, last_only=True))
+    return len(tokens) / (time.perf_counter() - t0)
+
+
+def model_speed(model: Llama, decode_tokens: int, prefill_tokens: int) -> tuple[float, float, float]:
+    """(decode tok/s, prefill tok/s, decode tok/s at depth) at batch 1, as llama-bench counts them: decode
+    steps from an empty cache (its `tg`), a prefill of prefill_tokens (`pp`), then decode steps after that
+    prompt (`tg` at depth `-d`), where every step also reads the prompt's keys and values."""
     be = model.backend
     tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, prefill_tokens + decode_tokens)
     model.forward(tokens[:8], 0)
     be.synchronize()
+    decode = _decode(model, tokens[prefill_tokens:], 0)
     t0 = time.perf_counter()
     model.forward(tokens[:prefill_tokens], 0)
     be.synchronize()
-    t1 = time.perf_counter()
-    for i in range(decode_tokens):
-        be.to_numpy(model.forward(tokens[prefill_tokens + i:prefill_tokens + i + 1], prefill_tokens + i,
-                                  last_only=True))
-    t2 = time.perf_counter()
-    return decode_tokens / (t2 - t1), prefill_tokens / (t1 - t0)
+    prefill = prefill_tokens / (time.perf_counter() - t0)
+    return decode, prefill, _decode(model, tokens[prefill_tokens:], prefill_tokens)
 
 
 def pair_speed(pair: ModelPair, decode_tokens: int, prefill_tokens: int, rounds: int) -> dict[str, Any]:
-    """Decode and prefill tok/s of both models, alternating packed and dense `rounds` times so that a
-    noisy machine slows both alike; medians, and every round's figures for the record."""
-    runs: dict[str, list[float]] = {k: [] for k in ("decode", "prefill", "dense_decode", "dense_prefill")}
+    """Decode, prefill and decode-at-depth tok/s of both models, alternating packed and dense `rounds` times
+    so that a noisy machine slows both alike; medians, and every round's figures for the record."""
+    keys = ("decode", "prefill", "decode_depth")
+    runs: dict[str, list[float]] = {prefix + k: [] for k in keys for prefix in ("", "dense_")}
     for _ in range(rounds):
         for prefix, model in (("", pair.packed), ("dense_", pair.dense)):
-            decode, prefill = model_speed(model, decode_tokens, prefill_tokens)
-            runs[prefix + "decode"].append(decode)
-            runs[prefix + "prefill"].append(prefill)
+            for k, v in zip(keys, model_speed(model, decode_tokens, prefill_tokens)):
+                runs[prefix + k].append(v)
     out: dict[str, Any] = {f"{k}_tok_s": float(np.median(v)) for k, v in runs.items()}
+    out["depth"] = prefill_tokens
     out["rounds"] = runs
     return out
