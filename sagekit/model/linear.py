@@ -54,11 +54,11 @@ class HalfLinear:
 class SageLinear:
     """A SAGE-packed weight run by the packed kernels (Numba on CPU, CUDA on GPU); never made dense.
 
-    The planes are re-laid for the kernel once, at load time.
+    The planes are re-laid for the kernel once, at load time; `nbytes` counts what the kernel's layout holds.
     """
 
     def __init__(self, packed: Any, backend: Any):
-        self.backend, self.nbytes = backend, int(packed.nbytes)
+        self.backend = backend
         self.out_features, self.in_features = packed.shape
         if backend.is_gpu:
             from sagekit.kernels import cuda
@@ -68,6 +68,7 @@ class SageLinear:
             from sagekit.kernels import cpu
 
             self._weights, self._matmul = cpu.prepare(packed), cpu.sage_matmul
+        self.nbytes = int(self._weights.nbytes)
 
     def __call__(self, x: Any) -> Any:
         return self._matmul(x, self._weights)
