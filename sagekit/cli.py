@@ -228,10 +228,13 @@ def compress(
     knn: int = typer.Option(10, min=1, help="Neighbours per node in the kNN graph."),
     max_groups: int = typer.Option(8, min=1, max=8, help="Largest group count the spectral clustering tries."),
     seed: int = typer.Option(0, help="Seed of every random choice; the same seed gives byte-identical files."),
+    saliency: str = typer.Option("magnitude", help="sage: how salient weights are ranked: magnitude (the "
+                                 "paper: |w - mean|) or hessian (|w - mean| x the RMS of its input over the "
+                                 "calibration windows; needs --calib, beyond the paper)."),
     skip: Optional[str] = typer.Option(None, help="Regex of linear names to keep in FP16, "
                                        "e.g. 'layers\\.0\\.|down_proj'."),
     workers: int = typer.Option(1, min=1, help="Processes quantising matrices in parallel (same output bytes)."),
-    calib: Optional[Path] = typer.Option(None, help="Calibration text for billm/pbllm (e.g. "
+    calib: Optional[Path] = typer.Option(None, help="Calibration text for billm/pbllm and --saliency hessian (e.g. "
                                          "../shared/data/wikitext2/wiki.valid.tokens); never the evaluation text."),
     calib_samples: int = typer.Option(128, min=1, help="Random calibration windows drawn from --calib."),
     calib_seqlen: int = typer.Option(2048, min=2, help="Tokens per calibration window."),
@@ -240,7 +243,7 @@ def compress(
                                          "integers (the rest are binarised)."),
     damp: float = typer.Option(0.01, min=0.0, help="billm/pbllm: damping added to the Hessian diagonal, as a "
                                "fraction of its mean."),
-    device: str = typer.Option("auto", help=DEVICE_HELP + " Used by the calibration passes of billm/pbllm."),
+    device: str = typer.Option("auto", help=DEVICE_HELP + " Used by the calibration passes (billm, pbllm, --saliency hessian)."),
     force: bool = typer.Option(False, help="Replace OUT_DIR if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json's totals as one JSON object on stdout."),
 ) -> None:
@@ -255,7 +258,8 @@ def compress(
             raise SagekitError(f"--group-select must be silhouette or rate, not '{group_select}'")
         src = _resolve(model)
         knobs = SageKnobs(salient_bits=salient_bits, max_salient=max_salient, rate_penalty=rate_penalty,
-                          group_select=group_select, n_sub=n_sub, knn=knn, max_groups=max_groups, seed=seed)
+                          group_select=group_select, n_sub=n_sub, knn=knn, max_groups=max_groups, seed=seed,
+                          saliency=saliency)
         baseline_knobs = {"billm": {"damp": damp}, "pbllm": {"fraction": pbllm_fraction, "damp": damp}}
         calib_opts = CalibOptions(calib, calib_samples, calib_seqlen, calib_seed) if calib else None
         opts = CompressOptions(knobs=knobs, method=method, target_bpw=target_bpw, skip=skip, workers=workers,

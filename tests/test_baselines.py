@@ -249,6 +249,9 @@ def test_corrupt_folder_gives_a_one_line_error(packed_dirs, tmp_path):
     (["--calib", "CALIB"], "--calib applies to billm and pbllm"),  # sage never calibrates by default
     (["--method", "q1", "--target-bpw", "1.5"], "sage only"),
     (["--method", "gptq"], "unknown method"),
+    (["--saliency", "hessian"], "needs calibration text"),
+    (["--saliency", "hessian", "--calib", "CALIB", "--target-bpw", "1.5"], "use --rate-penalty"),
+    (["--saliency", "gradient"], "--saliency must be magnitude or hessian"),
 ])
 def test_bad_method_options_are_one_line_errors(tiny_src, calib_file, tmp_path, args, message):
     args = [str(calib_file) if a == "CALIB" else a for a in args]

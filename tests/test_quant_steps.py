@@ -40,6 +40,17 @@ def test_saliency_picks_planted_outliers(seed):
     assert np.array_equal(np.sort(order[:n]), np.sort(planted))
 
 
+def test_hessian_saliency_weighs_each_weight_by_its_inputs_rms():
+    """|w - mean| x rms(x_j): a small weight on a loud input outranks a larger one on a quiet input."""
+    w = np.array([[0.1, 2.0, 0.0], [0.5, -1.0, 0.0]], dtype=np.float32)  # mean 0.2667
+    rms = np.array([100.0, 0.01, 1.0])
+    order = saliency_order(w, rms)
+    z = np.abs(w - w.astype(np.float64).mean()) * rms
+    assert list(order) == list(np.argsort(-z.ravel(), kind="stable"))
+    assert order[0] == 3 and order[1] == 0  # |0.5 - m| * 100, then |0.1 - m| * 100, before the 2.0 at rms 0.01
+    assert list(saliency_order(w, np.ones(3))) == list(saliency_order(w))
+
+
 def test_saliency_order_ties_and_offset_mean():
     w = np.array([[1.0, -1.0, 1.0], [5.0, 1.0, 1.0]], dtype=np.float32)  # mean 1.333: the -1 is an outlier too
     order = saliency_order(w)

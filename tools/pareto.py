@@ -138,7 +138,8 @@ def run_sweep(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str,
     args.work.mkdir(parents=True, exist_ok=True)
     check_setup(args.work, setup)
     reports = compress_all(src, args.work, sweep, calib, args.device, args.workers)
-    ids = np.asarray(load_tokenizer(src if src.is_dir() else src.parent).encode(read_text(args.text)).ids, dtype=np.int64)
+    tok = load_tokenizer(src if src.is_dir() else src.parent)
+    ids = np.asarray(tok.encode(read_text(args.text)).ids, dtype=np.int64)
     names = [slug(m, label) for m, label, _ in sweep]
     tallies, n_windows, seconds = evaluate_all(src, args.work, names, ids, args.seqlen, args.max_windows, args.device)
     with Checkpoint(src) as ckpt:

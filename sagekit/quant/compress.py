@@ -3,8 +3,8 @@
 One tensor is read at a time (memory-mapped), quantised, handed to the shard writer and dropped. Matrices
 are independent, so `workers` processes share them; results are consumed in model order, so the output
 bytes do not depend on the worker count. Each matrix draws its randomness from seed + crc32(name).
-The calibrated baselines (billm, pbllm) instead go layer by layer through sagekit.quant.calibration, since
-each layer's Hessian depends on the quantised layers before it.
+The calibrated baselines (billm, pbllm), and sage with `saliency="hessian"`, instead go layer by layer
+through sagekit.quant.calibration, since each layer's Hessian depends on the quantised layers before it.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from sagekit.io.checkpoint import Checkpoint, copy_tokenizer_files
 from sagekit.io.packed import ShardWriter, baseline_layout, quantization_config
 from sagekit.io.partial import PartialStore, file_fingerprint
 from sagekit.quant.calibration import CalibOptions, LayerwiseCalibration, calibration_windows
+from sagekit.quant.pack import PackedSage
 from sagekit.quant.sage import CurvePoint, MatrixQuantizer, SageKnobs, curve_choice, lambda_for_target
 from sagekit.quant.stats import MatrixStats
 
@@ -103,32 +104,54 @@ def _quantize_baseline(args: tuple[str, str, dict[str, Any]]) -> tuple[dict[str,
     return packed.arrays(), stats
 
 
+def _calibrates(opts: CompressOptions) -> bool:
+    return opts.method in CALIBRATED or (opts.method == "sage" and opts.knobs.saliency == "hessian")
+
+
 def _check_method(opts: CompressOptions) -> None:
     m = opts.method
     if m != "sage" and m not in BASELINES:
         raise SagekitError(f"unknown method '{m}': use sage, {', '.join(BASELINES)}")
-    if m in CALIBRATED and opts.calib is None:
-        raise SagekitError(f"--method {m} needs calibration text: pass --calib FILE (e.g. {DEFAULT_CALIB}; "
+    if opts.knobs.saliency not in ("magnitude", "hessian"):
+        raise SagekitError(f"--saliency must be magnitude or hessian, not '{opts.knobs.saliency}'")
+    what = f"--method {m}" if m != "sage" else "--saliency hessian"
+    if _calibrates(opts) and opts.calib is None:
+        raise SagekitError(f"{what} needs calibration text: pass --calib FILE (e.g. {DEFAULT_CALIB}; "
                            "never the text you evaluate on)")
-    if m not in CALIBRATED and opts.calib is not None:
-        raise SagekitError(f"--method {m} uses the weights only; --calib applies to {' and '.join(CALIBRATED)}")
+    if not _calibrates(opts) and opts.calib is not None:
+        raise SagekitError(f"--method {m} uses the weights only; --calib applies to {' and '.join(CALIBRATED)} "
+                           "and to sage with --saliency hessian")
     if m != "sage" and opts.target_bpw is not None:
         raise SagekitError("--target-bpw applies to --method sage only")
+    if opts.target_bpw is not None and opts.knobs.saliency == "hessian":
+        raise SagekitError("--target-bpw needs every matrix's rate curve before the calibration pass, which "
+                           "--saliency hessian cannot give: use --rate-penalty with it")
 
 
 def _calibrated(names: list[str], opts: CompressOptions, calib: LayerwiseCalibration,
                 store: PartialStore) -> Iterator[tuple[dict[str, np.ndarray], MatrixStats]]:
     """The layer-by-layer pass; matrices finished by an interrupted run are reused, not quantised again
     (the pass still runs every layer, on their stored weights)."""
-    module = importlib.import_module(f"sagekit.quant.{opts.method}")
-    layout = baseline_layout(opts.method)
+    if opts.method == "sage":
+        layout = PackedSage
+
+        def method(w: np.ndarray, h: np.ndarray, name: str) -> tuple[Any, MatrixStats]:
+            t0 = time.perf_counter()
+            return MatrixQuantizer(w, opts.knobs, matrix_seed(opts.knobs.seed, name), h).quantize(
+                opts.knobs.rate_penalty, name, t0)
+    else:
+        layout = baseline_layout(opts.method)
+        module = importlib.import_module(f"sagekit.quant.{opts.method}")
+
+        def method(w: np.ndarray, h: np.ndarray, name: str) -> tuple[Any, MatrixStats]:
+            return module.quantize(w, h, name, **opts.baseline_knobs)
 
     def quantize(name: str, w: np.ndarray, h: np.ndarray) -> tuple[Any, MatrixStats | None]:
         if name in store:
             arrays, stats = store.get(name)
             return layout.from_arrays(arrays, tuple(stats["shape"])), None
         try:
-            return module.quantize(w, h, name, **opts.baseline_knobs)
+            return method(w, h, name)
         except ValueError as e:
             raise SagekitError(f"{name}: {opts.method} failed ({e})") from None
 
@@ -245,15 +268,15 @@ class _Run:
             if on_step:
                 on_step(st)
         todo = [n for n in self.names if n not in store]
-        if opts.method == "sage":
-            results = _map(_quantize, [(n, self.knobs, self.lam, groups[n]) for n in todo], self.src, opts.workers)
-        elif opts.method in CALIBRATED:
+        if _calibrates(opts):
             from sagekit.backend import get_backend
 
             _init_worker(str(self.src), None)
             self.calib = LayerwiseCalibration(_worker["ckpt"], get_backend(opts.device),
                                               calibration_windows(self.ckpt.folder, opts.calib))
             results = _calibrated(self.names, opts, self.calib, store)
+        elif opts.method == "sage":
+            results = _map(_quantize, [(n, self.knobs, self.lam, groups[n]) for n in todo], self.src, opts.workers)
         else:
             results = _map(_quantize_baseline, [(n, opts.method, opts.baseline_knobs) for n in todo], self.src,
                            opts.workers)

@@ -35,6 +35,7 @@ class SageKnobs:
     knn: int = 10
     max_groups: int = 8
     seed: int = 0
+    saliency: str = "magnitude"  # or "hessian": weighted by the calibration inputs' RMS (needs --calib)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,9 +57,10 @@ def candidate_groups(grouping: Grouping, rule: str) -> list[int]:
 class MatrixQuantizer:
     """The per-matrix state shared by the lambda solve and the final quantisation: sort, groups, prep."""
 
-    def __init__(self, w: np.ndarray, knobs: SageKnobs, seed: int):
+    def __init__(self, w: np.ndarray, knobs: SageKnobs, seed: int, hessian: np.ndarray | None = None):
         self.w, self.knobs, self.shape = np.ascontiguousarray(w, dtype=np.float32), knobs, w.shape
-        self.order = saliency_order(self.w)
+        rms = None if hessian is None else np.sqrt(np.maximum(np.diag(hessian).astype(np.float64), 0.0))
+        self.order = saliency_order(self.w, rms)
         unsalient = ~salient_mask(self.order, self.shape, knobs.max_salient)
         self.grouping = group_magnitudes(np.abs(self.w[unsalient]), knobs.n_sub, knobs.knn, knobs.max_groups,
                                          seed=seed)

@@ -3,15 +3,20 @@
 import numpy as np
 
 
-def saliency_order(w: np.ndarray) -> np.ndarray:
+def saliency_order(w: np.ndarray, input_rms: np.ndarray | None = None) -> np.ndarray:
     """Flat indices of `w` by descending z = |w - mean| / std, ties by ascending index.
 
     The threshold search tries many fractions p; sorting once makes each salient set a prefix.
     Dividing by std does not change the order, so it is skipped (and a constant matrix is no special case).
+    With `input_rms` (per input column, from calibration: sqrt of the Hessian's diagonal) the score is
+    |w - mean| * rms(x_j), the size of the weight's contribution to the output (Wanda's metric): an
+    option beyond the paper, whose authors found magnitude saliency better.
     """
-    w64 = np.asarray(w, dtype=np.float64).ravel()
+    w64 = np.asarray(w, dtype=np.float64)
     z = np.abs(w64 - w64.mean())
-    return np.argsort(-z, kind="stable").astype(np.int64)
+    if input_rms is not None:
+        z = z * np.asarray(input_rms, dtype=np.float64)[None, :]
+    return np.argsort(-z.ravel(), kind="stable").astype(np.int64)
 
 
 def salient_count(p: float, size: int) -> int:
