@@ -10,7 +10,8 @@ Method (T-MAC / bitnet.cpp style lookup tables, made exact for any number of gro
   * The planes are laid out "vertically" (word k of 16 consecutive rows side by side), so one AVX-512
     `vpermps` looks up 16 rows at once from the 16-entry table held in a register: 3 instructions (shift,
     permute, add) per 64 weights per plane, against 64 multiply-adds for dense float32.
-  * Salient corrections are a CSR pass over x added afterwards.
+  * Salient corrections are a sparse pass over x added afterwards: per row (CSR) for a batch of tokens;
+    for one token, rows grouped by their count of corrections, so a gather serves 16 rows.
   * Tokens go through in batches of 16 that share each load of the planes (prefill = many decodes).
 Without AVX-512 the same lookup is emitted as a 16-lane table read that LLVM lowers for the target.
 """
