@@ -112,12 +112,14 @@ def test_half_matmul_reads_fp16_bits_exactly(n_tok):
         cpu.half_matmul(x[:, :5], w)
 
 
-@pytest.mark.parametrize("n_heads, n_kv, length", [(9, 3, 1), (9, 3, 37), (4, 4, 130), (8, 1, 17)])
-def test_decode_attention_matches_softmax_attention(n_heads, n_kv, length):
-    """GQA, MHA and MQA; a cache longer than the valid prefix (its tail must be ignored)."""
+@pytest.mark.parametrize("n_heads, n_kv, length, d", [(9, 3, 1, 64), (9, 3, 37, 64), (4, 4, 130, 64), (8, 1, 17, 64),
+                                                    (4, 2, 33, 128), (4, 2, 33, 80), (4, 2, 33, 72)])
+def test_decode_attention_matches_softmax_attention(n_heads, n_kv, length, d):
+    """GQA, MHA and MQA; a cache longer than the valid prefix (its tail must be ignored); head sizes that take
+    the blocked paths (multiples of 64, of 16) and the plain loops."""
     rng = np.random.default_rng(length)
-    d, s_max = 64, 160
-    q = rng.standard_normal((n_heads, d)).astype(np.float32) / 8
+    s_max = 160
+    q = (rng.standard_normal((n_heads, d)) / np.sqrt(d)).astype(np.float32)
     keys = rng.standard_normal((n_kv, s_max, d)).astype(np.float32)
     values = rng.standard_normal((n_kv, s_max, d)).astype(np.float32)
     keys[:, length:] = 1e4  # garbage past the valid positions

@@ -583,6 +583,120 @@ def _exp_nonpositive(x):
     return p * POW2[np.int64(n) + 126]
 
 
+@intrinsic
+def _scores16(typingctx, p, p0, k, j0, q, h):
+    """p[p0 : p0+16] = k[j0 + i] . q[h] for i < 16: sixteen dot products of length D (a multiple of 16).
+
+    Layout: k (S, D) and q (H, D) f32, C-contiguous. Each position's partial sums stay a 16-lane vector
+    through the loop over D; the sixteen vectors are then summed across lanes all at once, by halving them
+    pairwise (4 levels of two shuffles and an add) instead of reducing each one on its own."""
+    if not (all(isinstance(a, types.Array) and a.dtype == types.float32 for a in (p, k, q))
+            and k.layout == "C" and q.layout == "C" and k.ndim == 2 and q.ndim == 2
+            and all(t == types.int64 for t in (p0, j0, h))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p_v, p0_v, k_v, j0_v, q_v, h_v = args
+        i64 = ir.IntType(64)
+        k_arr = context.make_array(sig.args[2])(context, builder, k_v)
+        q_arr = context.make_array(sig.args[4])(context, builder, q_v)
+        d = builder.extract_value(k_arr.shape, 1)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F16, [_F16] * 3), "llvm.fmuladd.v16f32")
+        pre = builder.block
+        head = builder.append_basic_block("scores16.head")
+        body = builder.append_basic_block("scores16.body")
+        done = builder.append_basic_block("scores16.done")
+        builder.branch(head)
+        builder.position_at_end(head)
+        c = builder.phi(i64)
+        accs = [builder.phi(_F16) for _ in range(ROWS)]
+        c.add_incoming(ir.Constant(i64, 0), pre)
+        for a in accs:
+            a.add_incoming(ir.Constant(_F16, None), pre)
+        builder.cbranch(builder.icmp_signed("<", c, d), body, done)
+        builder.position_at_end(body)
+
+        def load(data, offset):
+            return builder.load(builder.bitcast(builder.gep(data, [offset]), _F16.as_pointer()), align=4)
+
+        qv = load(q_arr.data, builder.add(builder.mul(h_v, d), c))
+        row0 = builder.mul(j0_v, d)
+        for i, a in enumerate(accs):
+            kv = load(k_arr.data, builder.add(builder.add(row0, builder.mul(ir.Constant(i64, i), d)), c))
+            a.add_incoming(builder.call(fma, [qv, kv, a]), body)
+        c.add_incoming(builder.add(c, ir.Constant(i64, ROWS)), body)
+        builder.branch(head)
+        builder.position_at_end(done)
+        # each vector holds groups of `width` lanes, one group per position, that sum to its score
+        vectors, width = [(a, [i]) for i, a in enumerate(accs)], ROWS
+        while width > 1:
+            half, merged = width // 2, []
+            for (a, ga), (b, gb) in zip(vectors[0::2], vectors[1::2]):
+                lo = [g * width + x for g in range(len(ga)) for x in range(half)]
+                lo += [ROWS + g * width + x for g in range(len(gb)) for x in range(half)]
+                hi = [i + half for i in lo]
+                pick = lambda idx: builder.shuffle_vector(a, b, ir.Constant(_I16, idx))  # noqa: E731
+                merged.append((builder.fadd(pick(lo), pick(hi)), ga + gb))
+            vectors, width = merged, half
+        total, order = vectors[0]
+        total = builder.shuffle_vector(total, total, ir.Constant(_I16, [order.index(i) for i in range(ROWS)]))
+        builder.store(total, _vector_ptr(context, builder, sig.args[0], p_v, p0_v, _F16), align=4)
+
+    return types.void(p, p0, k, j0, q, h), codegen
+
+
+@intrinsic
+def _weighted_rows64(typingctx, o, o0, v, c0, p, length):
+    """o[o0 : o0+64] = sum_{j < length} p[j] * v[j, c0 : c0+64], the 64 sums held in registers (two sets of
+    four vectors, taking alternate rows, so the multiply-adds do not wait on each other).
+
+    Layout: v (S, D) f32 C-contiguous, c0 + 64 <= D; p (>= length,) f32; o flat f32."""
+    if not (all(isinstance(a, types.Array) and a.dtype == types.float32 for a in (o, v, p))
+            and v.layout == "C" and v.ndim == 2 and all(t == types.int64 for t in (o0, c0, length))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        o_v, o0_v, v_v, c0_v, p_v, n_v = args
+        i64 = ir.IntType(64)
+        v_arr = context.make_array(sig.args[2])(context, builder, v_v)
+        p_data = context.make_array(sig.args[4])(context, builder, p_v).data
+        d = builder.extract_value(v_arr.shape, 1)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F16, [_F16] * 3), "llvm.fmuladd.v16f32")
+        pre = builder.block
+        head = builder.append_basic_block("rows64.head")
+        body = builder.append_basic_block("rows64.body")
+        done = builder.append_basic_block("rows64.done")
+        builder.branch(head)
+        builder.position_at_end(head)
+        j = builder.phi(i64)
+        accs = [[builder.phi(_F16) for _ in range(4)] for _ in range(2)]
+        j.add_incoming(ir.Constant(i64, 0), pre)
+        for a in accs[0] + accs[1]:
+            a.add_incoming(ir.Constant(_F16, None), pre)
+        builder.cbranch(builder.icmp_signed("<", j, n_v), body, done)
+        builder.position_at_end(body)
+        for r, row_accs in enumerate(accs):  # rows j and j + 1; past the end, weight 0 on row j
+            jr = builder.add(j, ir.Constant(i64, r))
+            inside = builder.icmp_signed("<", jr, n_v)
+            row = builder.select(inside, jr, j)
+            w = builder.load(builder.gep(p_data, [row]))
+            w = _splat(builder, builder.select(inside, w, ir.Constant(ir.FloatType(), 0.0)))
+            base = builder.add(builder.mul(row, d), c0_v)
+            for c, a in enumerate(row_accs):
+                ptr = builder.gep(v_arr.data, [builder.add(base, ir.Constant(i64, 16 * c))])
+                x = builder.load(builder.bitcast(ptr, _F16.as_pointer()), align=4)
+                a.add_incoming(builder.call(fma, [w, x, a]), body)
+        j.add_incoming(builder.add(j, ir.Constant(i64, 2)), body)
+        builder.branch(head)
+        builder.position_at_end(done)
+        for c in range(4):
+            total = builder.fadd(accs[0][c], accs[1][c])
+            offset = builder.add(o0_v, ir.Constant(i64, 16 * c))
+            builder.store(total, _vector_ptr(context, builder, sig.args[0], o_v, offset, _F16), align=4)
+
+    return types.void(o, o0, v, c0, p, length), codegen
+
+
 @njit(cache=True, fastmath=True)
 def decode_attention(q, keys, values, length, out):
     """One query position over the cache: softmax(q k^T) v per head, grouped-query heads sharing a KV head.
@@ -594,24 +708,32 @@ def decode_attention(q, keys, values, length, out):
     n_heads, d = q.shape
     rep = n_heads // keys.shape[0]
     p = np.empty(length, dtype=np.float32)
+    blocked = length // ROWS * ROWS if d % ROWS == 0 else 0  # 16 positions at a time, their sums reduced together
     for h in range(n_heads):
         k, v = keys[h // rep], values[h // rep]
-        top = -np.inf
-        for j in range(length):
+        for j0 in range(0, blocked, ROWS):
+            _scores16(p, np.int64(j0), k, np.int64(j0), q, np.int64(h))
+        for j in range(blocked, length):
             s = np.float32(0)
             for e in range(d):
                 s += q[h, e] * k[j, e]
             p[j] = s
-            top = max(top, s)
+        top = -np.inf
+        for j in range(length):
+            top = max(top, p[j])
         total = np.float32(0)
         for j in range(length):
             p[j] = _exp_nonpositive(p[j] - top)
             total += p[j]
         o = out[h]
-        o[:] = 0
-        for j in range(length):
-            for e in range(d):
-                o[e] += p[j] * v[j, e]
+        if d % 64 == 0:
+            for c0 in range(0, d, 64):
+                _weighted_rows64(o, np.int64(c0), v, np.int64(c0), p, np.int64(length))
+        else:
+            o[:] = 0
+            for j in range(length):
+                for e in range(d):
+                    o[e] += p[j] * v[j, e]
         o *= np.float32(1) / total
 
 
