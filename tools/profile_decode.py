@@ -11,13 +11,14 @@ this is a timing tool only.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
 from sagekit.backend import get_backend
 from sagekit.model.llama import Llama
 from sagekit.model.load import load_model
+
+from bench_depth import step_ms  # tools/ is the script's folder, hence on sys.path
 
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -43,13 +44,6 @@ def stub(model: Llama, linears: bool, head: bool) -> Llama:
     return model
 
 
-def decode_ms(model: Llama, depth: int, steps: int) -> float:
-    t0 = time.perf_counter()
-    for i in range(steps):
-        model.forward(np.array([5 + i]), depth + i, last_only=True)
-    return (time.perf_counter() - t0) / steps * 1e3
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a model folder (compressed or not)")
@@ -68,7 +62,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name, model in variants.items():
-            times[name].append(decode_ms(model, args.depth, args.steps))
+            times[name].append(step_ms(model, args.depth, args.steps))
     med = {name: float(np.median(v)) for name, v in times.items()}
     print(f"{args.model}, {backend.describe()}, depth {args.depth}, {args.steps} steps x {args.rounds} rounds")
     for name, v in times.items():

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from types import FunctionType
@@ -169,8 +168,9 @@ def _lut_planes(typingctx, acc, a0, acc_stride, planes, w0, tab, t0, tab_stride,
 
         if n_bits <= 1:  # up to 16 index vectors: formed once, kept in registers for all tokens
             index = nibbles_by_shift()
-            with _count_loop(builder, ntok_v) as t:
-                accumulate(t, index)
+            loop = _Loop(builder, ir.Constant(ntok_v.type, 0), ntok_v)
+            accumulate(loop.i, index)
+            loop.end()
             return
         # More would spill: decode forms them by offset loads; a batch of tokens rebuilds them per token
         # (loaded inside the loop, where the acc stores keep them from being hoisted and spilled).
@@ -178,29 +178,41 @@ def _lut_planes(typingctx, acc, a0, acc_stride, planes, w0, tab, t0, tab_stride,
             with one:
                 accumulate(ir.Constant(ntok_v.type, 0), nibbles_by_offset())
             with many:
-                with _count_loop(builder, ntok_v) as t:
-                    accumulate(t, nibbles_by_shift())
+                loop = _Loop(builder, ir.Constant(ntok_v.type, 0), ntok_v)
+                accumulate(loop.i, nibbles_by_shift())
+                loop.end()
 
     return types.void(acc, a0, acc_stride, planes, w0, tab, t0, tab_stride, n_tok, beta), codegen
 
 
-@contextmanager
-def _count_loop(builder, n):
-    """for i in range(n): the body emitted inside the with-block sees i."""
-    pre = builder.block
-    head = builder.append_basic_block("loop.head")
-    body = builder.append_basic_block("loop.body")
-    done = builder.append_basic_block("loop.done")
-    builder.branch(head)
-    builder.position_at_end(head)
-    i = builder.phi(n.type)
-    i.add_incoming(ir.Constant(n.type, 0), pre)
-    builder.cbranch(builder.icmp_signed("<", i, n), body, done)
-    builder.position_at_end(body)
-    yield i
-    i.add_incoming(builder.add(i, ir.Constant(n.type, 1)), builder.block)
-    builder.branch(head)
-    builder.position_at_end(done)
+class _Loop:
+    """for i in range(start, stop, step) in LLVM IR, carrying `carried` float vectors (zero on entry) from one
+    iteration to the next. The body is what is emitted between the constructor and end(next values), which
+    leaves the builder after the loop; `values` then holds the vectors' final state."""
+
+    def __init__(self, builder, start, stop, step: int = 1, carried: int = 0, name: str = "loop"):
+        pre = builder.block
+        self.builder, self.step = builder, step
+        self.head = builder.append_basic_block(f"{name}.head")
+        body = builder.append_basic_block(f"{name}.body")
+        self.done = builder.append_basic_block(f"{name}.done")
+        builder.branch(self.head)
+        builder.position_at_end(self.head)
+        self.i = builder.phi(start.type)
+        self.i.add_incoming(start, pre)
+        self.values = [builder.phi(_F16) for _ in range(carried)]
+        for v in self.values:
+            v.add_incoming(ir.Constant(_F16, None), pre)
+        builder.cbranch(builder.icmp_signed("<", self.i, stop), body, self.done)
+        builder.position_at_end(body)
+
+    def end(self, following=()) -> None:
+        b = self.builder
+        for v, nxt in zip(self.values, following, strict=True):
+            v.add_incoming(nxt, b.block)
+        self.i.add_incoming(b.add(self.i, ir.Constant(self.i.type, self.step)), b.block)
+        b.branch(self.head)
+        b.position_at_end(self.done)
 
 
 def _splat(builder, value):
@@ -222,30 +234,14 @@ def _sparse_row16(typingctx, acc, a0, xt, idx, val, j0, j1):
         xt_data = context.make_array(sig.args[2])(context, builder, xt_v).data
         idx_data = context.make_array(sig.args[3])(context, builder, idx_v).data
         val_data = context.make_array(sig.args[4])(context, builder, val_v).data
-        pre = builder.block
-        head = builder.append_basic_block("sal.head")
-        body = builder.append_basic_block("sal.body")
-        done = builder.append_basic_block("sal.done")
-        builder.branch(head)
-        builder.position_at_end(head)
-        j = builder.phi(j0_v.type)
-        accs = [builder.phi(_F16) for _ in range(4)]
-        j.add_incoming(j0_v, pre)
-        for a in accs:
-            a.add_incoming(ir.Constant(_F16, None), pre)
-        builder.cbranch(builder.icmp_signed("<", j, j1_v), body, done)
-        builder.position_at_end(body)
+        loop = _Loop(builder, j0_v, j1_v, carried=4, name="sal")
+        j, accs = loop.i, loop.values
         col = builder.zext(builder.load(builder.gep(idx_data, [j])), j.type)
         q = builder.sitofp(builder.load(builder.gep(val_data, [j])), ir.FloatType())
         qv = _splat(builder, q)
         off = builder.mul(col, ir.Constant(col.type, ROWS))
         xv = builder.load(builder.bitcast(builder.gep(xt_data, [off]), _F16.as_pointer()), align=4)
-        new = builder.fadd(accs[0], builder.fmul(qv, xv))
-        for a, nxt in zip(accs, accs[1:] + [new]):
-            a.add_incoming(nxt, body)
-        j.add_incoming(builder.add(j, ir.Constant(j.type, 1)), body)
-        builder.branch(head)
-        builder.position_at_end(done)
+        loop.end(accs[1:] + [builder.fadd(accs[0], builder.fmul(qv, xv))])
         total = builder.fadd(builder.fadd(accs[0], accs[1]), builder.fadd(accs[2], accs[3]))
         builder.store(builder.fadd(builder.load(pa, align=4), total), pa, align=4)
 
@@ -602,33 +598,21 @@ def _scores16(typingctx, p, p0, k, j0, q, h):
         q_arr = context.make_array(sig.args[4])(context, builder, q_v)
         d = builder.extract_value(k_arr.shape, 1)
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F16, [_F16] * 3), "llvm.fmuladd.v16f32")
-        pre = builder.block
-        head = builder.append_basic_block("scores16.head")
-        body = builder.append_basic_block("scores16.body")
-        done = builder.append_basic_block("scores16.done")
-        builder.branch(head)
-        builder.position_at_end(head)
-        c = builder.phi(i64)
-        accs = [builder.phi(_F16) for _ in range(ROWS)]
-        c.add_incoming(ir.Constant(i64, 0), pre)
-        for a in accs:
-            a.add_incoming(ir.Constant(_F16, None), pre)
-        builder.cbranch(builder.icmp_signed("<", c, d), body, done)
-        builder.position_at_end(body)
+        loop = _Loop(builder, ir.Constant(i64, 0), d, ROWS, carried=ROWS, name="scores16")
+        c = loop.i
 
         def load(data, offset):
             return builder.load(builder.bitcast(builder.gep(data, [offset]), _F16.as_pointer()), align=4)
 
         qv = load(q_arr.data, builder.add(builder.mul(h_v, d), c))
         row0 = builder.mul(j0_v, d)
-        for i, a in enumerate(accs):
+        following = []
+        for i, a in enumerate(loop.values):
             kv = load(k_arr.data, builder.add(builder.add(row0, builder.mul(ir.Constant(i64, i), d)), c))
-            a.add_incoming(builder.call(fma, [qv, kv, a]), body)
-        c.add_incoming(builder.add(c, ir.Constant(i64, ROWS)), body)
-        builder.branch(head)
-        builder.position_at_end(done)
+            following.append(builder.call(fma, [qv, kv, a]))
+        loop.end(following)
         # each vector holds groups of `width` lanes, one group per position, that sum to its score
-        vectors, width = [(a, [i]) for i, a in enumerate(accs)], ROWS
+        vectors, width = [(a, [i]) for i, a in enumerate(loop.values)], ROWS
         while width > 1:
             half, merged = width // 2, []
             for (a, ga), (b, gb) in zip(vectors[0::2], vectors[1::2]):
@@ -662,35 +646,22 @@ def _weighted_rows64(typingctx, o, o0, v, c0, p, length):
         p_data = context.make_array(sig.args[4])(context, builder, p_v).data
         d = builder.extract_value(v_arr.shape, 1)
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F16, [_F16] * 3), "llvm.fmuladd.v16f32")
-        pre = builder.block
-        head = builder.append_basic_block("rows64.head")
-        body = builder.append_basic_block("rows64.body")
-        done = builder.append_basic_block("rows64.done")
-        builder.branch(head)
-        builder.position_at_end(head)
-        j = builder.phi(i64)
-        accs = [[builder.phi(_F16) for _ in range(4)] for _ in range(2)]
-        j.add_incoming(ir.Constant(i64, 0), pre)
-        for a in accs[0] + accs[1]:
-            a.add_incoming(ir.Constant(_F16, None), pre)
-        builder.cbranch(builder.icmp_signed("<", j, n_v), body, done)
-        builder.position_at_end(body)
-        for r, row_accs in enumerate(accs):  # rows j and j + 1; past the end, weight 0 on row j
+        loop = _Loop(builder, ir.Constant(i64, 0), n_v, 2, carried=8, name="rows64")
+        j, following = loop.i, []
+        for r in range(2):  # rows j and j + 1 into accumulators 4r..4r+3; past the end, weight 0 on row j
             jr = builder.add(j, ir.Constant(i64, r))
             inside = builder.icmp_signed("<", jr, n_v)
             row = builder.select(inside, jr, j)
             w = builder.load(builder.gep(p_data, [row]))
             w = _splat(builder, builder.select(inside, w, ir.Constant(ir.FloatType(), 0.0)))
             base = builder.add(builder.mul(row, d), c0_v)
-            for c, a in enumerate(row_accs):
+            for c in range(4):
                 ptr = builder.gep(v_arr.data, [builder.add(base, ir.Constant(i64, 16 * c))])
                 x = builder.load(builder.bitcast(ptr, _F16.as_pointer()), align=4)
-                a.add_incoming(builder.call(fma, [w, x, a]), body)
-        j.add_incoming(builder.add(j, ir.Constant(i64, 2)), body)
-        builder.branch(head)
-        builder.position_at_end(done)
+                following.append(builder.call(fma, [w, x, loop.values[4 * r + c]]))
+        loop.end(following)
         for c in range(4):
-            total = builder.fadd(accs[0][c], accs[1][c])
+            total = builder.fadd(loop.values[c], loop.values[4 + c])
             offset = builder.add(o0_v, ir.Constant(i64, 16 * c))
             builder.store(total, _vector_ptr(context, builder, sig.args[0], o_v, offset, _F16), align=4)
 
