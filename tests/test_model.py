@@ -18,7 +18,7 @@ def reference_logits(ckpt: Checkpoint, tokens: np.ndarray) -> np.ndarray:
     """Textbook Llama in float64, one query at a time, KV heads repeated explicitly, no cache."""
     c = ckpt.config
     W = lambda n: ckpt.float32(n).astype(np.float64)  # noqa: E731
-    d, H, KV, D = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
+    H, KV, D = c.n_heads, c.n_kv_heads, c.head_dim
     inv = 1.0 / c.rope_theta ** (np.arange(0, D, 2) / D)
 
     def rms(x, w):

@@ -107,7 +107,7 @@ def random_pair(shape: str, backend: Backend, max_seq_len: int, layers: int | No
 
 def matrix_speed(pair: ModelPair, repeats: int) -> list[dict[str, Any]]:
     """GEMV time of each distinct linear shape of the first layer, packed next to dense."""
-    be, xp = pair.packed.backend, pair.packed.xp
+    be = pair.packed.backend
     peak, _ = peak_bandwidth(be)
     out, seen = [], set()
     dense_by_name = pair.dense.layers[0].linears()
@@ -128,7 +128,7 @@ def matrix_speed(pair: ModelPair, repeats: int) -> list[dict[str, Any]]:
 def _decode(model: Llama, tokens: np.ndarray, start: int) -> float:
     """tok/s of one-token forward steps at positions start.., each read back to the host as sampling would."""
     t0 = time.perf_counter()
-    for i, tok in enumerate(tokens):
+    for i in range(len(tokens)):
         model.backend.to_numpy(model.forward(tokens[i:i + 1], start + i, last_only=True))
     return len(tokens) / (time.perf_counter() - t0)
 
