@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +20,9 @@ from sagekit.quant.calibration import CalibOptions
 from conftest import tiny_config
 from test_baselines import calibration_text
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "pareto.py"
-spec = importlib.util.spec_from_file_location("pareto_tool", TOOL)
-pareto = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(pareto)
+# the scoring jobs are spawned processes, which import the tool by its module name
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import pareto  # noqa: E402
 
 SWEEP = [("rtn", "-", {}), ("sage", "default", {})]
 
@@ -62,11 +61,28 @@ def test_an_interrupted_pass_resumes_to_the_same_sums(sweep):
     full, _, _ = pareto.evaluate_all(src, root / "work", names, ids, 32, 3, "cpu")
     resumed = root / "resumed"
     shutil.copytree(root / "work", resumed)
-    (resumed / "eval.json").unlink()
+    (resumed / "eval.0.json").unlink()
     pareto.evaluate_all(src, resumed, names, ids, 32, 1, "cpu")  # stopped after the first window
-    assert json.loads((resumed / "eval.json").read_text())["next_window"] == 1
+    assert list(json.loads((resumed / "eval.0.json").read_text())["windows"]) == ["0"]
     again, n, _ = pareto.evaluate_all(src, resumed, names, ids, 32, 3, "cpu")
     assert n == 3 and {k: vars(t) for k, t in again.items()} == {k: vars(t) for k, t in full.items()}
+
+
+def test_two_jobs_give_the_sums_of_one(sweep):
+    src, ids, root = sweep
+    names = [pareto.slug(m, label) for m, label, _ in SWEEP]
+    one, _, _ = pareto.evaluate_all(src, root / "work", names, ids, 32, 3, "cpu")
+    split = root / "split"
+    shutil.copytree(root / "work", split)
+    for path in split.glob("eval.*.json"):
+        path.unlink()
+    pareto.evaluate_all(src, split, names, ids, 32, 1, "cpu")  # window 0 by one job, windows 1 and 2 by two
+    two, n, _ = pareto.evaluate_all(src, split, names, ids, 32, 3, "cpu", jobs=2)
+    assert sorted(p.name for p in split.glob("eval.*.json")) == ["eval.0.json", "eval.1.json"]
+    assert n == 3 and two.keys() == one.keys()
+    for name, t in two.items():  # one thread per job instead of two: BLAS rounds a little differently
+        assert (t.agree, t.scored) == (one[name].agree, one[name].scored)
+        assert t.nll == pytest.approx(one[name].nll, rel=1e-6) and t.kl == pytest.approx(one[name].kl, rel=1e-6)
 
 
 def test_another_protocol_is_refused_in_the_same_work_folder(tmp_path):
