@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -96,6 +97,29 @@ def test_changed_knobs_start_over_and_say_why(src, clean, tmp_path):
     assert r.exit_code == 0, r.output
     assert "starting over" in r.output and "knobs" in r.output
     assert json.loads((out / "report.json").read_text())["resumed_matrices"] == 0
+
+
+def test_a_copied_input_resumes_and_a_changed_one_starts_over(src, clean, tmp_path):
+    """The store trusts the inputs' bytes, not their mtimes: a re-mounted data folder must not cost the work."""
+    copy = tmp_path / "m"
+    copy.mkdir()
+    for f in src.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())  # new mtimes, same bytes
+    out = tmp_path / "out"
+    _kill_after(src, out, 3, 1)
+    r = runner.invoke(app, ["compress", str(copy), str(out), *ARGS])
+    assert r.exit_code == 0 and "resuming: 3 of" in r.output, r.output
+    assert digest(out) == digest(clean)
+
+    out2, weights = tmp_path / "out2", copy / "model.safetensors"
+    _kill_after(copy, out2, 3, 1)
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last weight: same size, and the mtime is put back
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    r = runner.invoke(app, ["compress", str(copy), str(out2), *ARGS])
+    assert r.exit_code == 0 and "starting over" in r.output and "inputs" in r.output, r.output
 
 
 def test_a_damaged_stored_matrix_is_computed_again(src, clean, tmp_path):
