@@ -123,6 +123,35 @@ def test_layer_hessians_equal_those_of_the_inputs_the_quantised_model_feeds(tiny
     assert not np.allclose(seen["model.layers.1.mlp.down_proj"], h_dense, rtol=1e-2, atol=1e-3 * np.abs(h_dense).max())
 
 
+def test_a_resumed_pass_skips_the_hessians_of_stored_layers_only(tiny_src, calib_file):
+    be = get_backend("cpu")
+    windows = calibration_windows(tiny_src, CalibOptions(calib_file, samples=2, seqlen=16))
+    names, _ = linear_names(2, None)
+    layer0 = {n for n in names if n.startswith("model.layers.0.")}
+
+    def run(stored: set[str], packed: dict) -> dict:
+        seen = {}
+
+        def quantize(name, w, h):
+            seen[name] = h
+            if name in stored:
+                return packed[name], None
+            packed[name], stats = rtn.quantize(w, None, name)
+            return packed[name], stats
+
+        with Checkpoint(tiny_src) as ckpt:
+            list(LayerwiseCalibration(ckpt, be, windows).run(set(names), lambda n: ckpt.float32(n + ".weight"),
+                                                             quantize, stored))
+        return seen
+
+    packed = {}
+    fresh = run(set(), packed)
+    resumed = run(layer0, packed)
+    assert all(resumed[n] is None for n in layer0) and all(fresh[n] is not None for n in layer0)
+    for n in set(names) - layer0:  # layer 1 sees the stored layer 0 exactly as the fresh pass left it
+        np.testing.assert_array_equal(resumed[n], fresh[n])
+
+
 def test_q_k_v_and_gate_up_share_one_hessian(tiny_src, calib_file):
     be = get_backend("cpu")
     windows = calibration_windows(tiny_src, CalibOptions(calib_file, samples=2, seqlen=16))

@@ -32,7 +32,7 @@ ATTRS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_pro
          "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 SHARED_INPUT = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up": "gate_up", "down": "down"}
 
-Quantizer = Callable[[str, np.ndarray, np.ndarray], tuple[Any, Any]]  # (name, weight, H) -> (packed, stats)
+Quantizer = Callable[[str, np.ndarray, np.ndarray | None], tuple[Any, Any]]  # (name, weight, H) -> (packed, stats)
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,13 @@ class LayerwiseCalibration:
         self.ckpt, self.backend, self.windows = ckpt, backend, windows
         self.forward_seconds = 0.0
 
-    def run(self, names: set[str], read: Callable[[str], np.ndarray], quantize: Quantizer) -> Iterator[tuple[Any, Any]]:
-        """(packed, stats) of each linear in `names`, in model order; the others stay dense in the pass."""
+    def run(self, names: set[str], read: Callable[[str], np.ndarray], quantize: Quantizer,
+            stored: set[str] = frozenset()) -> Iterator[tuple[Any, Any]]:
+        """(packed, stats) of each linear in `names`, in model order; the others stay dense in the pass.
+
+        `stored` names were quantised by an interrupted run: quantize() gets no Hessian for them, and a layer
+        made of stored ones only runs once, to pass its outputs on (a resume costs half a pass there).
+        """
         ckpt, backend, xp, cfg = self.ckpt, self.backend, self.backend.xp, self.ckpt.config
         embed = backend.asarray(ckpt.float32("model.embed_tokens.weight"))
         norm = xp.asarray(ckpt.float32("model.norm.weight"), dtype=xp.float32)
@@ -140,13 +145,14 @@ class LayerwiseCalibration:
         self.forward_seconds += time.perf_counter() - t0
         for i in range(cfg.n_layers):
             model.layers[i] = layer = _dense_layer(ckpt, i, backend)
+            todo = {f"model.layers.{i}.{suffix}" for suffix in ATTRS.values()} & (names - stored)
             t0 = time.perf_counter()
-            hessians = record_hessians(model, i, hidden)
+            hessians = record_hessians(model, i, hidden) if todo else {}
             self.forward_seconds += time.perf_counter() - t0
             for attr, suffix in ATTRS.items():
                 name = f"model.layers.{i}.{suffix}"
                 if name in names:
-                    packed, stats = quantize(name, read(name), hessians[suffix])
+                    packed, stats = quantize(name, read(name), hessians.get(suffix) if name in todo else None)
                     setattr(layer, attr, DenseLinear(backend.asarray(packed.unpack())))  # = DequantLinear's weight
                     yield packed, stats
             del hessians

@@ -131,7 +131,7 @@ def _check_method(opts: CompressOptions) -> None:
 def _calibrated(names: list[str], opts: CompressOptions, calib: LayerwiseCalibration,
                 store: PartialStore) -> Iterator[tuple[dict[str, np.ndarray], MatrixStats]]:
     """The layer-by-layer pass; matrices finished by an interrupted run are reused, not quantised again
-    (the pass still runs every layer, on their stored weights)."""
+    (the pass still runs every layer on their stored weights, without recording Hessians there)."""
     if opts.method == "sage":
         layout = PackedSage
 
@@ -146,7 +146,7 @@ def _calibrated(names: list[str], opts: CompressOptions, calib: LayerwiseCalibra
         def method(w: np.ndarray, h: np.ndarray, name: str) -> tuple[Any, MatrixStats]:
             return module.quantize(w, h, name, **opts.baseline_knobs)
 
-    def quantize(name: str, w: np.ndarray, h: np.ndarray) -> tuple[Any, MatrixStats | None]:
+    def quantize(name: str, w: np.ndarray, h: np.ndarray | None) -> tuple[Any, MatrixStats | None]:
         if name in store:
             arrays, stats = store.get(name)
             return layout.from_arrays(arrays, tuple(stats["shape"])), None
@@ -155,7 +155,7 @@ def _calibrated(names: list[str], opts: CompressOptions, calib: LayerwiseCalibra
         except ValueError as e:
             raise SagekitError(f"{name}: {opts.method} failed ({e})") from None
 
-    for packed, stats in calib.run(set(names), _read, quantize):
+    for packed, stats in calib.run(set(names), _read, quantize, {n for n in names if n in store}):
         if stats is not None:
             yield packed.arrays(), stats
 
