@@ -153,9 +153,7 @@ def evaluate_all(src: Path, work: Path, names: list[str], ids: np.ndarray, seqle
     tallies = {n: Tally() for n in ["fp16", *names]}
     for w in range(len(wins)):
         for n, t in done[w]["tallies"].items():
-            total = tallies[n]
-            total.nll, total.kl = total.nll + t["nll"], total.kl + t["kl"]
-            total.agree, total.scored = total.agree + t["agree"], total.scored + t["scored"]
+            tallies[n] += Tally(**t)
     return tallies, len(wins), sum(done[w]["seconds"] for w in range(len(wins)))
 
 

@@ -77,6 +77,10 @@ class Tally:
             self.agree += int((ref_logp.argmax(axis=-1) == logp.argmax(axis=-1)).sum())
         self.scored += n
 
+    def __add__(self, other: Tally) -> Tally:
+        """The sums over both tallies' positions (windows scored apart, e.g. by parallel jobs)."""
+        return Tally(self.nll + other.nll, self.kl + other.kl, self.agree + other.agree, self.scored + other.scored)
+
     def result(self, windows: int, seqlen: int, seconds: float, with_reference: bool) -> EvalResult:
         return EvalResult(ppl=math.exp(self.nll / self.scored), nll=self.nll / self.scored, tokens=self.scored,
                           windows=windows, seqlen=seqlen, seconds=seconds,
