@@ -55,13 +55,20 @@ def test_shared_pass_equals_separate_evaluations(sweep):
         assert shared.top1 == alone.top1
 
 
+def unscored_copy(root: Path, name: str) -> Path:
+    """The sweep's work folder with its compressed models but no scored windows."""
+    copy = root / name
+    shutil.copytree(root / "work", copy)
+    for path in copy.glob("eval.*.json"):
+        path.unlink()
+    return copy
+
+
 def test_an_interrupted_pass_resumes_to_the_same_sums(sweep):
     src, ids, root = sweep
     names = [pareto.slug(m, label) for m, label, _ in SWEEP]
     full, _, _ = pareto.evaluate_all(src, root / "work", names, ids, 32, 3, "cpu")
-    resumed = root / "resumed"
-    shutil.copytree(root / "work", resumed)
-    (resumed / "eval.0.json").unlink()
+    resumed = unscored_copy(root, "resumed")
     pareto.evaluate_all(src, resumed, names, ids, 32, 1, "cpu")  # stopped after the first window
     assert list(json.loads((resumed / "eval.0.json").read_text())["windows"]) == ["0"]
     again, n, _ = pareto.evaluate_all(src, resumed, names, ids, 32, 3, "cpu")
@@ -72,10 +79,7 @@ def test_two_jobs_give_the_sums_of_one(sweep):
     src, ids, root = sweep
     names = [pareto.slug(m, label) for m, label, _ in SWEEP]
     one, _, _ = pareto.evaluate_all(src, root / "work", names, ids, 32, 3, "cpu")
-    split = root / "split"
-    shutil.copytree(root / "work", split)
-    for path in split.glob("eval.*.json"):
-        path.unlink()
+    split = unscored_copy(root, "split")
     pareto.evaluate_all(src, split, names, ids, 32, 1, "cpu")  # window 0 by one job, windows 1 and 2 by two
     two, n, _ = pareto.evaluate_all(src, split, names, ids, 32, 3, "cpu", jobs=2)
     assert sorted(p.name for p in split.glob("eval.*.json")) == ["eval.0.json", "eval.1.json"]
