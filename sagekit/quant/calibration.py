@@ -129,7 +129,7 @@ class LayerwiseCalibration:
         self.forward_seconds = 0.0
 
     def run(self, names: set[str], read: Callable[[str], np.ndarray], quantize: Quantizer,
-            stored: set[str] = frozenset()) -> Iterator[tuple[Any, Any]]:
+            stored: set[str] | frozenset[str] = frozenset()) -> Iterator[tuple[Any, Any]]:
         """(packed, stats) of each linear in `names`, in model order; the others stay dense in the pass.
 
         `stored` names were quantised by an interrupted run: quantize() gets no Hessian for them, and a layer
