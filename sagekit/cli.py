@@ -23,6 +23,7 @@ out = Console()
 
 MODEL_HELP = "Model folder (HF layout or a sagekit compressed folder) or a .safetensors file with config.json " \
              "and tokenizer.json beside it. Default: the built-in demo model (SmolLM2-135M-Instruct)."
+DEFAULT_GRID_BITS = 4  # the default compress: see README (quality against size on the demo model)
 DEVICE_HELP = "auto: CUDA when CuPy sees a GPU, else CPU; cpu: NumPy/Numba; cuda: CuPy (fails without a GPU)."
 
 
@@ -214,12 +215,18 @@ def compress(
     out_dir: Path = typer.Argument(Path("sagekit-out"), help="Folder to create for the packed model."),
     method: str = typer.Option("sage", help="Quantisation method: sage (SAGE-PTQ), or a baseline: rtn, q1, "
                                "billm, pbllm (billm and pbllm need --calib)."),
+    recipe: str = typer.Option("grid", help="sage: grid (rotation, one FP16 scale per row, 2^bits Lloyd levels "
+                               "per matrix; error feedback with --calib) or paper (the paper's binary + salient "
+                               "reconstruction, which the knobs below up to --saliency steer)."),
+    bits: int = typer.Option(DEFAULT_GRID_BITS, min=1, max=8, help="sage grid: bits per weight of every matrix "
+                             "(with --target-bpw each matrix's bits are solved instead)."),
     salient_bits: int = typer.Option(4, min=2, max=8, help="Bits of each salient weight's correction."),
     max_salient: float = typer.Option(0.05, min=0.0, max=0.5, help="Largest salient fraction p the "
                                       "per-matrix threshold search may choose."),
-    target_bpw: Optional[float] = typer.Option(None, min=1.0, help="Solve for the one rate penalty that lands "
-                                               "the decoder linear layers' TRUE bits per weight here; also lets "
-                                               "the rate term choose the group count (1, 2, 4, 8)."),
+    target_bpw: Optional[float] = typer.Option(None, min=1.0, help="Land the decoder linear layers' TRUE bits "
+                                               "per weight here. grid: each matrix's bits are allocated (fractional "
+                                               "targets mix bit widths); paper: one rate penalty is solved, and the "
+                                               "rate term chooses the group count (1, 2, 4, 8)."),
     rate_penalty: float = typer.Option(0.2, min=0.0, help="lambda in relative_error + lambda * true_bits, "
                                        "minimised per matrix (ignored with --target-bpw)."),
     group_select: str = typer.Option("silhouette", help="How each matrix's group count G is chosen: silhouette "
@@ -260,7 +267,18 @@ def compress(
         knobs = SageKnobs(salient_bits=salient_bits, max_salient=max_salient, rate_penalty=rate_penalty,
                           group_select=group_select, n_sub=n_sub, knn=knn, max_groups=max_groups, seed=seed,
                           saliency=saliency)
-        baseline_knobs = {"billm": {"damp": damp}, "pbllm": {"fraction": pbllm_fraction, "damp": damp}}
+        if recipe not in ("grid", "paper"):
+            raise SagekitError(f"--recipe must be grid or paper, not '{recipe}'")
+        if method == "sage" and recipe == "grid":
+            method = "sage-grid"
+            paper_only = [k for k, v in knobs.to_dict().items() if k != "seed" and v != getattr(SageKnobs(), k)]
+            if paper_only:
+                raise SagekitError(f"--{paper_only[0].replace('_', '-')} applies to --recipe paper (the grid "
+                                   "recipe has --bits and --target-bpw)")
+        elif bits != DEFAULT_GRID_BITS:
+            raise SagekitError("--bits applies to --method sage --recipe grid")
+        baseline_knobs = {"billm": {"damp": damp}, "pbllm": {"fraction": pbllm_fraction, "damp": damp},
+                          "sage-grid": {"bits": bits, "seed": seed}}
         calib_opts = CalibOptions(calib, calib_samples, calib_seqlen, calib_seed) if calib else None
         opts = CompressOptions(knobs=knobs, method=method, target_bpw=target_bpw, skip=skip, workers=workers,
                                baseline_knobs=baseline_knobs.get(method, {}), calib=calib_opts, device=device)

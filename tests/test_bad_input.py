@@ -39,7 +39,7 @@ from sagekit.io.synthetic import write_random_checkpoint
 from conftest import tiny_config
 
 runner = CliRunner()
-FAST = ["--n-sub", "64"]  # a small kNN graph: compress takes well under a second on the tiny model
+FAST = ["--recipe", "paper", "--n-sub", "64"]  # a small kNN graph: compress takes well under a second on the tiny model
 
 
 def cli_error(args: list[object]) -> str:

@@ -246,12 +246,17 @@ def test_corrupt_folder_gives_a_one_line_error(packed_dirs, tmp_path):
     (["--method", "billm"], "needs calibration text"),
     (["--method", "pbllm"], "--calib FILE"),
     (["--method", "rtn", "--calib", "CALIB"], "--calib applies to billm and pbllm"),
-    (["--calib", "CALIB"], "--calib applies to billm and pbllm"),  # sage never calibrates by default
+    (["--recipe", "paper", "--calib", "CALIB"], "--calib applies to billm"),  # the paper recipe is data-free
     (["--method", "q1", "--target-bpw", "1.5"], "sage only"),
     (["--method", "gptq"], "unknown method"),
-    (["--saliency", "hessian"], "needs calibration text"),
-    (["--saliency", "hessian", "--calib", "CALIB", "--target-bpw", "1.5"], "use --rate-penalty"),
-    (["--saliency", "gradient"], "--saliency must be magnitude or hessian"),
+    (["--recipe", "paper", "--saliency", "hessian"], "needs calibration text"),
+    (["--saliency", "hessian"], "applies to --recipe paper"),
+    (["--rate-penalty", "0.1"], "--rate-penalty applies to --recipe paper"),
+    (["--recipe", "paper", "--bits", "3"], "--bits applies"),
+    (["--recipe", "binary"], "--recipe must be grid or paper"),
+    (["--target-bpw", "1.01"], "ask for at least"),
+    (["--recipe", "paper", "--saliency", "hessian", "--calib", "CALIB", "--target-bpw", "1.5"], "use --rate-penalty"),
+    (["--recipe", "paper", "--saliency", "gradient"], "--saliency must be magnitude or hessian"),
 ])
 def test_bad_method_options_are_one_line_errors(tiny_src, calib_file, tmp_path, args, message):
     args = [str(calib_file) if a == "CALIB" else a for a in args]

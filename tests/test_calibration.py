@@ -194,7 +194,7 @@ def test_sage_with_hessian_saliency_calibrates_and_differs_from_magnitude(tiny_s
                                 "--calib-seqlen", "32"]),
                         ("mag", [])):
         out = tmp_path / name
-        r = runner.invoke(app, ["compress", str(tiny_src), str(out), "--device", "cpu", "--rate-penalty", "0.01",
+        r = runner.invoke(app, ["compress", str(tiny_src), str(out), "--device", "cpu", "--recipe", "paper", "--rate-penalty", "0.01",
                                 "--json", *extra])
         assert r.exit_code == 0, r.output
         outs.append(out)

@@ -38,7 +38,7 @@ def tiny_src(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def packed_dir(tiny_src, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("packed") / "out"
-    r = runner.invoke(app, ["compress", str(tiny_src / "model.safetensors"), str(out), "--rate-penalty", "0.02"])
+    r = runner.invoke(app, ["compress", str(tiny_src / "model.safetensors"), str(out), "--recipe", "paper", "--rate-penalty", "0.02"])
     assert r.exit_code == 0, r.output
     return out
 
@@ -89,12 +89,12 @@ def test_inspect_reports_the_same_bits(packed_dir):
 
 def test_same_seed_gives_identical_bytes_and_workers_do_not_matter(tiny_src, packed_dir, tmp_path):
     out = tmp_path / "again"
-    r = runner.invoke(app, ["compress", str(tiny_src), str(out), "--rate-penalty", "0.02", "--workers", "2"])
+    r = runner.invoke(app, ["compress", str(tiny_src), str(out), "--recipe", "paper", "--rate-penalty", "0.02", "--workers", "2"])
     assert r.exit_code == 0, r.output
     a, b = digest(packed_dir), digest(out)
     a.pop("report.json"), b.pop("report.json")  # it records wall-clock seconds
     assert a == b
-    r = runner.invoke(app, ["compress", str(tiny_src), str(tmp_path / "seed1"), "--rate-penalty", "0.02",
+    r = runner.invoke(app, ["compress", str(tiny_src), str(tmp_path / "seed1"), "--recipe", "paper", "--rate-penalty", "0.02",
                             "--seed", "1", "--n-sub", "64"])
     assert r.exit_code == 0
 

@@ -21,7 +21,7 @@ from sagekit.io.synthetic import write_random_checkpoint
 from conftest import WIKI_VALID, tiny_config
 
 runner = CliRunner()
-ARGS = ["--n-sub", "256"]
+ARGS = ["--recipe", "paper", "--n-sub", "256"]
 N_LAYERS = 6
 
 
@@ -93,7 +93,7 @@ def test_killed_three_times_then_resumed_is_byte_identical(src, clean, tmp_path)
 def test_changed_knobs_start_over_and_say_why(src, clean, tmp_path):
     out = tmp_path / "out"
     _kill_after(src, out, 3, 1)
-    r = runner.invoke(app, ["compress", str(src), str(out), "--n-sub", "128"])
+    r = runner.invoke(app, ["compress", str(src), str(out), "--recipe", "paper", "--n-sub", "128"])
     assert r.exit_code == 0, r.output
     assert "starting over" in r.output and "knobs" in r.output
     assert json.loads((out / "report.json").read_text())["resumed_matrices"] == 0

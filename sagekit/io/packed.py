@@ -90,10 +90,11 @@ def baseline_layout(method: str) -> Any:
     """The packed class of a baseline method (sagekit.quant.<method>), or None for an unknown method."""
     import importlib
 
-    layouts = {"rtn": "PackedRTN", "q1": "PackedQ1", "billm": "PackedBiLLM", "pbllm": "PackedPBLLM"}
+    layouts = {"rtn": "PackedRTN", "q1": "PackedQ1", "billm": "PackedBiLLM", "pbllm": "PackedPBLLM",
+               "sage-grid": "PackedGrid"}
     if method not in layouts:
         return None
-    return getattr(importlib.import_module(f"sagekit.quant.{method}"), layouts[method])
+    return getattr(importlib.import_module(f"sagekit.quant.{method.replace('-', '_')}"), layouts[method])
 
 
 def read_linear(ckpt: Checkpoint, prefix: str, backend: Backend, kernels: bool = True) -> Linear:

@@ -36,8 +36,10 @@ from sagekit.quant.stats import MatrixStats
 
 LINEAR_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-BASELINES = ("rtn", "q1", "billm", "pbllm")  # each a module sagekit.quant.<name> with quantize(w, h, name, **knobs)
-CALIBRATED = ("billm", "pbllm")
+# each a module sagekit.quant.<name> with quantize(w, h, name, **knobs); "sage-grid" is sage's grid recipe
+BASELINES = ("rtn", "q1", "billm", "pbllm", "sage-grid")
+CALIBRATED = ("billm", "pbllm")  # need --calib
+CALIB_OPTIONAL = ("sage-grid",)  # error feedback with --calib, data-free without
 DEFAULT_CALIB = "../shared/data/wikitext2/wiki.valid.tokens"
 
 
@@ -98,14 +100,19 @@ def _quantize(args: tuple[str, SageKnobs, float, int | None]) -> tuple[dict[str,
     return packed.arrays(), stats
 
 
+def method_module(method: str) -> Any:
+    return importlib.import_module(f"sagekit.quant.{method.replace('-', '_')}")
+
+
 def _quantize_baseline(args: tuple[str, str, dict[str, Any]]) -> tuple[dict[str, np.ndarray], MatrixStats]:
     name, method, knobs = args
-    packed, stats = importlib.import_module(f"sagekit.quant.{method}").quantize(_read(name), None, name, **knobs)
+    packed, stats = method_module(method).quantize(_read(name), None, name, **knobs)
     return packed.arrays(), stats
 
 
 def _calibrates(opts: CompressOptions) -> bool:
-    return opts.method in CALIBRATED or (opts.method == "sage" and opts.knobs.saliency == "hessian")
+    return (opts.method in CALIBRATED or (opts.method == "sage" and opts.knobs.saliency == "hessian")
+            or (opts.method in CALIB_OPTIONAL and opts.calib is not None))
 
 
 def _check_method(opts: CompressOptions) -> None:
@@ -118,18 +125,18 @@ def _check_method(opts: CompressOptions) -> None:
     if _calibrates(opts) and opts.calib is None:
         raise SagekitError(f"{what} needs calibration text: pass --calib FILE (e.g. {DEFAULT_CALIB}; "
                            "never the text you evaluate on)")
-    if not _calibrates(opts) and opts.calib is not None:
-        raise SagekitError(f"--method {m} uses the weights only; --calib applies to {' and '.join(CALIBRATED)} "
-                           "and to sage with --saliency hessian")
-    if m != "sage" and opts.target_bpw is not None:
+    if not _calibrates(opts) and opts.calib is not None and m not in CALIB_OPTIONAL:
+        raise SagekitError(f"--method {m} uses the weights only; --calib applies to {', '.join(CALIBRATED)}, "
+                           "the sage grid recipe and sage --recipe paper --saliency hessian")
+    if m not in ("sage", "sage-grid") and opts.target_bpw is not None:
         raise SagekitError("--target-bpw applies to --method sage only")
     if opts.target_bpw is not None and opts.knobs.saliency == "hessian":
         raise SagekitError("--target-bpw needs every matrix's rate curve before the calibration pass, which "
                            "--saliency hessian cannot give: use --rate-penalty with it")
 
 
-def _calibrated(names: list[str], opts: CompressOptions, calib: LayerwiseCalibration,
-                store: PartialStore) -> Iterator[tuple[dict[str, np.ndarray], MatrixStats]]:
+def _calibrated(names: list[str], opts: CompressOptions, calib: LayerwiseCalibration, store: PartialStore,
+                knobs_of: Callable[[str], dict[str, Any]]) -> Iterator[tuple[dict[str, np.ndarray], MatrixStats]]:
     """The layer-by-layer pass; matrices finished by an interrupted run are reused, not quantised again
     (the pass still runs every layer on their stored weights, without recording Hessians there)."""
     if opts.method == "sage":
@@ -141,10 +148,10 @@ def _calibrated(names: list[str], opts: CompressOptions, calib: LayerwiseCalibra
                 opts.knobs.rate_penalty, name, t0)
     else:
         layout = baseline_layout(opts.method)
-        module = importlib.import_module(f"sagekit.quant.{opts.method}")
+        module = method_module(opts.method)
 
         def method(w: np.ndarray, h: np.ndarray, name: str) -> tuple[Any, MatrixStats]:
-            return module.quantize(w, h, name, **opts.baseline_knobs)
+            return module.quantize(w, h, name, **knobs_of(name))
 
     def quantize(name: str, w: np.ndarray, h: np.ndarray | None) -> tuple[Any, MatrixStats | None]:
         if name in store:
@@ -235,6 +242,7 @@ class _Run:
         self.knobs = opts.knobs
         self.lam = self.knobs.rate_penalty if opts.method == "sage" else None
         self.calib: LayerwiseCalibration | None = None
+        self.bits: dict[str, int] | None = None  # the grid recipe's allocation for --target-bpw
         self.resumed = len(store)
 
     def _solve_target(self, on_start: Callable | None, on_step: Callable | None) -> dict[str, int | None]:
@@ -255,12 +263,32 @@ class _Run:
         self.lam = state["lambda"]
         return state["groups"]
 
+    def _solve_bits(self) -> dict[str, int]:
+        """Each matrix's bits for the grid recipe's target (kept in the store, so a resume reuses them)."""
+        from sagekit.quant.allocation import allocate
+        from sagekit.quant.sage_grid import grid_nbytes, sensitivity
+
+        state = self.store.state()
+        if "bits" not in state:
+            sizes = {n: tuple(self.ckpt.file_of(n + ".weight").shape(n + ".weight")) for n in self.names}
+            state = {"bits": allocate(sizes, grid_nbytes, self.opts.target_bpw, sensitivity(sizes))}
+            self.store.save_state(state)
+        return state["bits"]
+
+    def knobs_of(self, name: str) -> dict[str, Any]:
+        """The keyword arguments of a baseline-style method's quantize for one matrix."""
+        if self.bits is None:
+            return self.opts.baseline_knobs
+        return {**self.opts.baseline_knobs, "bits": self.bits[name]}
+
     def quantize(self, on_start: Callable | None, on_step: Callable | None) -> list[MatrixStats]:
         """Quantise every matrix not yet in the store, saving each as it finishes; all stats in model order."""
         opts, store = self.opts, self.store
         groups = dict.fromkeys(self.names)
-        if opts.target_bpw is not None:
+        if opts.target_bpw is not None and opts.method == "sage":
             groups = self._solve_target(on_start, on_step)
+        elif opts.target_bpw is not None:
+            self.bits = self._solve_bits()
         if on_start:
             on_start("quantize", len(self.names))
         stats = {n: _stats(store.get(n)[1]) for n in self.names if n in store}
@@ -274,11 +302,11 @@ class _Run:
             _init_worker(str(self.src), None)
             self.calib = LayerwiseCalibration(_worker["ckpt"], get_backend(opts.device),
                                               calibration_windows(self.ckpt.folder, opts.calib))
-            results = _calibrated(self.names, opts, self.calib, store)
+            results = _calibrated(self.names, opts, self.calib, store, self.knobs_of)
         elif opts.method == "sage":
             results = _map(_quantize, [(n, self.knobs, self.lam, groups[n]) for n in todo], self.src, opts.workers)
         else:
-            results = _map(_quantize_baseline, [(n, opts.method, opts.baseline_knobs) for n in todo], self.src,
+            results = _map(_quantize_baseline, [(n, opts.method, self.knobs_of(n)) for n in todo], self.src,
                            opts.workers)
         for arrays, st in results:
             store.put(st.name, arrays, asdict(st))

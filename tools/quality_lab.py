@@ -1,0 +1,140 @@
+"""Quick recipe exploration for issue 13: quantise the demo model's linears in memory, score a few windows.
+
+Not the protocol of record (that is `sagekit compress` + `sagekit eval` on packed folders, whose true bits
+come from the bytes stored): this swaps dequantised weights into a dense model so many recipes can be
+compared in one process against one FP16 reference pass. Hessians, when a recipe asks for them, come from
+the FP16 model on calibration windows of wiki.valid.tokens (never the test text) and are cached on disk.
+
+    python tools/quality_lab.py --windows 4 --recipe rot=1,bits=2 --recipe rot=1,bits=2,ldlq=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sagekit.backend import get_backend
+from sagekit.eval.perplexity import Tally, log_probs, read_text, windows
+from sagekit.io.demo import demo_model
+from sagekit.model.linear import DenseLinear
+from sagekit.model.load import load_model
+from sagekit.model.tokenizer import load_tokenizer
+from sagekit.quant import grid, sage_grid
+from sagekit.quant.calibration import CalibOptions, calibration_windows, record_hessians
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2"
+
+
+def hessians(model, folder: Path, samples: int, seqlen: int, cache: Path) -> dict[str, np.ndarray]:
+    if cache.is_file():
+        return dict(np.load(cache))
+    wins = calibration_windows(folder, CalibOptions(DATA / "wiki.valid.tokens", samples, seqlen, 0))
+    hidden = np.stack([model.embed_tokens(w) for w in wins])
+    out = {}
+    for i in range(len(model.layers)):
+        for suffix, h in record_hessians(model, i, hidden).items():
+            out[f"model.layers.{i}.{suffix}"] = h
+        for j in range(len(hidden)):
+            hidden[j] = model.block(i, hidden[j], 0)
+        print(f"hessians: layer {i}", flush=True)
+    np.savez(cache, **out)
+    return out
+
+
+def quantize(w: np.ndarray, h: np.ndarray | None, r: dict, name: str) -> tuple[np.ndarray, int]:
+    """(W_hat float32, stored bytes) for one recipe r through sage_grid.quantize, the product's own code.
+
+    Keys: bits, rot (default 1), rowscale (1), lloyd (1), ldlq (error feedback), refit (extra LDLQ rounds)."""
+    grid.REFIT_ROUNDS = 1 + r.get("refit", 0)
+    packed, _ = sage_grid.quantize(w, h, name, r["bits"], rotate=bool(r.get("rot", 1)),
+                                   row_scale=bool(r.get("rowscale", 1)),
+                                   levels="lloyd" if r.get("lloyd", 1) else "uniform",
+                                   error_feedback=bool(r.get("ldlq", 0)))
+    return packed.unpack().astype(np.float32), packed.nbytes
+
+
+def bits_for(name: str, r: dict) -> dict:
+    """Per-matrix overrides: r may carry e.g. v=3 or down=3 or first=4 (bits for those matrices)."""
+    r = dict(r)
+    short = name.split(".")[-1].replace("_proj", "")
+    layer = int(name.split(".")[2])
+    if short in r:
+        r["bits"] = r[short]
+    if "edge" in r and layer in (0, 29):
+        r["bits"] = r["edge"]
+    return r
+
+
+CLASSES = {1: "q_proj", 2: "k_proj", 3: "v_proj", 4: "o_proj", 5: "gate_proj", 6: "up_proj", 7: "down_proj"}
+
+
+def parse(spec: str) -> dict:
+    return {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--recipe", action="append", required=True)
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-seqlen", type=int, default=2048)
+    args = ap.parse_args()
+    folder = demo_model()
+    backend = get_backend("cpu")
+    ref = load_model(folder, backend, 2048)
+    dense = {n: lin.weight.copy() for n, lin in ref.linears().items() if n != "lm_head"}
+    recipes = [parse(s) for s in args.recipe]
+    hs = None
+    if any(r.get("ldlq") or r.get("wlloyd") for r in recipes):
+        cache = Path(f"/tmp/sagekit_hess_{args.calib_samples}x{args.calib_seqlen}.npz")
+        hs = hessians(ref, folder, args.calib_samples, args.calib_seqlen, cache)
+    ids = np.asarray(load_tokenizer(folder).encode(read_text(DATA / "wiki.test.txt")).ids, dtype=np.int64)
+    wins = windows(ids, 2048, args.windows)
+    ref_lp = [log_probs(ref, w).astype(np.float16) for w in wins]
+    for spec, r in zip(args.recipe, recipes):
+        t0 = time.perf_counter()
+        model = load_model(folder, backend, 2048)
+        stored = n_weights = 0
+        for i, layer in enumerate(model.layers):
+            for suffix, lin in layer.linears().items():
+                name = f"model.layers.{i}.{suffix}"
+                if "only" in r and CLASSES[r["only"]] != suffix.split(".")[-1]:
+                    continue  # a sensitivity probe: this class alone is quantised
+                if "onlylayer" in r and i != r["onlylayer"]:
+                    continue
+                h = hs[name] if hs is not None and (r.get("ldlq") or r.get("wlloyd")) else None
+                w = dense[name]
+                if r.get("proxy"):  # data-free Hessian proxy: the norm weight squared on the diagonal
+                    h = None
+                    if suffix.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+                        gg = np.asarray(layer.attn_norm if "self_attn" in suffix else layer.ffn_norm, np.float64)
+                        h = np.diag(gg * gg + 1e-4 * np.mean(gg * gg)).astype(np.float32)
+                g = None
+                if r.get("fold") and suffix.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+                    g = np.abs(np.asarray(layer.attn_norm if "self_attn" in suffix else layer.ffn_norm))
+                    g = np.maximum(g, 1e-3 * g.max())
+                    w = w * g[None, :]
+                w_hat, nbytes = quantize(w, h, bits_for(name, r), name)
+                stored, n_weights = stored + nbytes, n_weights + w.size
+                if g is not None:
+                    w_hat = w_hat / g[None, :]
+                attr = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
+                        "self_attn.o_proj": "o", "mlp.gate_proj": "gate", "mlp.up_proj": "up",
+                        "mlp.down_proj": "down"}[suffix]
+                setattr(layer, attr, DenseLinear(w_hat))
+        tq = time.perf_counter() - t0
+        tally = Tally()
+        for w, rl in zip(wins, ref_lp):
+            tally.add(np, log_probs(model, w), w, rl.astype(np.float32))
+        res = tally.result(len(wins), 2048, 0.0, True)
+        print(json.dumps({"recipe": spec, "ppl": round(res.ppl, 3), "kl": round(res.kl, 4),
+                          "top1": round(res.top1, 4), "quant_s": round(tq, 1),
+                          "true_bits": round(8 * stored / max(n_weights, 1), 4)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
