@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sagekit.kernels import cpu, cuda
+from sagekit.kernels import cpu, cuda, half_matmul, lut_matmul, transformer_ops
 from sagekit.quant.pack import PackedSage, random_packed, unpack_sage
 
 SHAPES = [(37, 70), (129, 200), (576, 1536), (16, 32)]
@@ -64,7 +64,7 @@ def test_decode_salient_pass_with_rows_of_every_length(n_par):
     assert k.short_rows.size == ((counts > 0) & (counts <= cpu.SHORT_ROW)).sum()
     x = rng.standard_normal((1, in_)).astype(np.float32)
     y = np.full((1, out), np.nan, dtype=np.float32)
-    (cpu._lut_matmul_serial if n_par == 1 else cpu._lut_matmul)(x, *k.kernel_args, y, k.words, n_par)
+    (lut_matmul._lut_matmul_serial if n_par == 1 else lut_matmul._lut_matmul)(x, *k.kernel_args, y, k.words, n_par)
     assert_matches(y, x, p, rel=1e-5)
 
 
@@ -85,8 +85,8 @@ def test_cpu_matmul_takes_packed_and_checks_x():
         cpu.sage_matmul(np.zeros((2, 49), np.float32), p)
 
 
-@pytest.mark.parametrize("parallel, serial", [(cpu._lut_matmul, cpu._lut_matmul_serial),
-                                              (cpu._half_matmul, cpu._half_matmul_serial)])
+@pytest.mark.parametrize("parallel, serial", [(lut_matmul._lut_matmul, lut_matmul._lut_matmul_serial),
+                                              (half_matmul._half_matmul, half_matmul._half_matmul_serial)])
 def test_serial_twins_have_cache_entries_of_their_own(parallel, serial):
     """Numba keys its on-disk cache by function name: a twin sharing its parallel kernel's name loaded the
     parallel build, and every small decode GEMV paid the thread pool's wake-up (16 us a call)."""
@@ -162,7 +162,7 @@ def test_silu_mul_kernel_is_accurate_and_never_overflows():
 
 def test_exp_without_libm_is_accurate_for_softmax_weights():
     x = np.concatenate([-np.geomspace(1e-6, 87, 2001), [0.0, -100.0]]).astype(np.float32)
-    got = np.array([cpu._exp_nonpositive(v) for v in x], dtype=np.float64)
+    got = np.array([transformer_ops._exp_nonpositive(v) for v in x], dtype=np.float64)
     want = np.exp(x.astype(np.float64))
     assert np.max(np.abs(got - want)) < 1.2e-7
     small = x > -10
