@@ -245,7 +245,10 @@ def test_corrupt_folder_gives_a_one_line_error(packed_dirs, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--method", "billm"], "needs calibration text"),
     (["--method", "pbllm"], "--calib FILE"),
-    (["--method", "rtn", "--calib", "CALIB"], "--calib applies to billm and pbllm"),
+    (["--method", "rtn", "--calib", "CALIB"], "--calib applies to billm, pbllm"),
+    (["--method", "rtn", "--bits", "3"], "--bits applies to --method sage --recipe grid"),
+    (["--recipe", "paper", "--no-rotate"], "--rotate applies"),
+    (["--levels", "kmeans"], "--levels must be lloyd or uniform"),
     (["--recipe", "paper", "--calib", "CALIB"], "--calib applies to billm"),  # the paper recipe is data-free
     (["--method", "q1", "--target-bpw", "1.5"], "sage only"),
     (["--method", "gptq"], "unknown method"),

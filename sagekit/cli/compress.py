@@ -1,0 +1,220 @@
+"""`compress` and `demo`: make a packed folder, and show one next to its FP16 original."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from sagekit.cli.common import (
+    DEVICE_HELP,
+    MODEL_HELP,
+    _fmt_bytes,
+    _model,
+    _resolve,
+    _tokenizer,
+    _user_errors,
+    app,
+    err,
+    out,
+    progress,
+)
+from sagekit.errors import SagekitError
+
+DEFAULT_GRID_BITS = 4  # the default compress: see README (quality against size on the demo model)
+GRID_DEFAULTS = {"bits": DEFAULT_GRID_BITS, "rotate": True, "row_scale": True, "levels": "lloyd",
+                 "error_feedback": True}
+
+@app.command()
+def compress(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP.replace("or a sagekit compressed folder", "")),
+    out_dir: Path = typer.Argument(Path("sagekit-out"), help="Folder to create for the packed model."),
+    method: str = typer.Option("sage", help="Quantisation method: sage (SAGE-PTQ), or a baseline: rtn, q1, "
+                               "billm, pbllm (billm and pbllm need --calib)."),
+    recipe: str = typer.Option("grid", help="sage: grid (rotation, one FP16 scale per row, 2^bits Lloyd levels "
+                               "per matrix; error feedback with --calib) or paper (the paper's binary + salient "
+                               "reconstruction, which the knobs below up to --saliency steer)."),
+    bits: int = typer.Option(DEFAULT_GRID_BITS, min=1, max=8, help="sage grid: bits per weight of every matrix "
+                             "(with --target-bpw each matrix's bits are solved instead)."),
+    rotate: bool = typer.Option(True, help="sage grid: rotate each weight's input side (seeded Kronecker "
+                                "rotation) before quantising; --no-rotate is an ablation."),
+    row_scale: bool = typer.Option(True, help="sage grid: one FP16 scale per row; --no-row-scale keeps one "
+                                   "scale for the whole matrix (an ablation)."),
+    levels: str = typer.Option("lloyd", help="sage grid: lloyd (levels fitted to each matrix) or uniform."),
+    error_feedback: bool = typer.Option(True, help="sage grid with --calib: round codes by LDLQ, pushing each "
+                                        "column's error onto the columns not yet rounded."),
+    salient_bits: int = typer.Option(4, min=2, max=8, help="Bits of each salient weight's correction."),
+    max_salient: float = typer.Option(0.05, min=0.0, max=0.5, help="Largest salient fraction p the "
+                                      "per-matrix threshold search may choose."),
+    target_bpw: Optional[float] = typer.Option(None, min=1.0, help="Land the decoder linear layers' TRUE bits "
+                                               "per weight here. grid: each matrix's bits are allocated (fractional "
+                                               "targets mix bit widths); paper: one rate penalty is solved, and the "
+                                               "rate term chooses the group count (1, 2, 4, 8)."),
+    rate_penalty: float = typer.Option(0.2, min=0.0, help="lambda in relative_error + lambda * true_bits, "
+                                       "minimised per matrix (ignored with --target-bpw)."),
+    group_select: str = typer.Option("silhouette", help="How each matrix's group count G is chosen: silhouette "
+                                     "(the paper) or rate (the rate-distortion objective)."),
+    n_sub: int = typer.Option(2048, min=16, help="Unsalient |w| values sampled for the kNN graph."),
+    knn: int = typer.Option(10, min=1, help="Neighbours per node in the kNN graph."),
+    max_groups: int = typer.Option(8, min=1, max=8, help="Largest group count the spectral clustering tries."),
+    seed: int = typer.Option(0, help="Seed of every random choice; the same seed gives byte-identical files."),
+    saliency: str = typer.Option("magnitude", help="sage: how salient weights are ranked: magnitude (the "
+                                 "paper: |w - mean|) or hessian (|w - mean| x the RMS of its input over the "
+                                 "calibration windows; needs --calib, beyond the paper)."),
+    skip: Optional[str] = typer.Option(None, help="Regex of linear names to keep in FP16, "
+                                       "e.g. 'layers\\.0\\.|down_proj'."),
+    workers: int = typer.Option(1, min=1, help="Processes quantising matrices in parallel (same output bytes)."),
+    calib: Optional[Path] = typer.Option(None, help="Calibration text for billm/pbllm and --saliency hessian (e.g. "
+                                         "../shared/data/wikitext2/wiki.valid.tokens); never the evaluation text."),
+    calib_samples: int = typer.Option(128, min=1, help="Random calibration windows drawn from --calib."),
+    calib_seqlen: int = typer.Option(2048, min=2, help="Tokens per calibration window."),
+    calib_seed: int = typer.Option(0, help="Seed of the calibration window offsets."),
+    pbllm_fraction: float = typer.Option(0.1, min=0.0, max=1.0, help="pbllm: fraction of weights kept as 8-bit "
+                                         "integers (the rest are binarised)."),
+    damp: float = typer.Option(0.01, min=0.0, help="billm/pbllm: damping added to the Hessian diagonal, as a "
+                               "fraction of its mean."),
+    device: str = typer.Option("auto", help=DEVICE_HELP + " Used by the calibration passes (billm, pbllm, --saliency hessian)."),
+    force: bool = typer.Option(False, help="Replace OUT_DIR if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Print report.json's totals as one JSON object on stdout."),
+) -> None:
+    """Compress the decoder linear layers (SAGE-PTQ or a baseline) into a packed folder (report.json inside)."""
+    from sagekit.quant.calibration import CalibOptions
+    from sagekit.quant.compress import CompressOptions
+    from sagekit.quant.compress import compress as run
+    from sagekit.quant.sage import SageKnobs
+
+    with _user_errors():
+        if group_select not in ("silhouette", "rate"):
+            raise SagekitError(f"--group-select must be silhouette or rate, not '{group_select}'")
+        src = _resolve(model)
+        knobs = SageKnobs(salient_bits=salient_bits, max_salient=max_salient, rate_penalty=rate_penalty,
+                          group_select=group_select, n_sub=n_sub, knn=knn, max_groups=max_groups, seed=seed,
+                          saliency=saliency)
+        if recipe not in ("grid", "paper"):
+            raise SagekitError(f"--recipe must be grid or paper, not '{recipe}'")
+        if levels not in ("lloyd", "uniform"):
+            raise SagekitError(f"--levels must be lloyd or uniform, not '{levels}'")
+        if method == "sage" and recipe == "grid":
+            method = "sage-grid"
+            paper_only = [k for k, v in knobs.to_dict().items() if k != "seed" and v != getattr(SageKnobs(), k)]
+            if paper_only:
+                raise SagekitError(f"--{paper_only[0].replace('_', '-')} applies to --recipe paper (the grid "
+                                   "recipe has --bits and --target-bpw)")
+        grid_knobs = {"bits": bits, "rotate": rotate, "row_scale": row_scale, "levels": levels,
+                      "error_feedback": error_feedback}
+        if method != "sage-grid" and (changed := [k for k, v in grid_knobs.items() if v != GRID_DEFAULTS[k]]):
+            raise SagekitError(f"--{changed[0].replace('_', '-')} applies to --method sage --recipe grid")
+        baseline_knobs = {"billm": {"damp": damp}, "pbllm": {"fraction": pbllm_fraction, "damp": damp},
+                          "sage-grid": {**grid_knobs, "seed": seed}}
+        calib_opts = CalibOptions(calib, calib_samples, calib_seqlen, calib_seed) if calib else None
+        opts = CompressOptions(knobs=knobs, method=method, target_bpw=target_bpw, skip=skip, workers=workers,
+                               baseline_knobs=baseline_knobs.get(method, {}), calib=calib_opts, device=device)
+        with progress() as bar:
+            task = None
+
+            def on_start(phase: str, n: int) -> None:
+                nonlocal task
+                task = bar.add_task(phase, total=n)
+
+            def on_step(st) -> None:
+                bar.advance(task)
+                if st is not None and not json_out:
+                    bar.console.print(
+                        f"{st.name:34s} {st.shape[0]:>6d}x{st.shape[1]:<6d} salient {100 * st.salient_fraction:5.2f}% "
+                        f"G={st.groups} paper {st.paper_bits:.3f} true {st.true_bits:.3f} bpw "
+                        f"err {st.rel_error:.4f} {st.seconds:5.2f}s", highlight=False)
+
+            def on_note(line: str) -> None:
+                bar.console.print(f"[yellow]{line}[/]", highlight=False)
+
+            report = run(src, out_dir, opts, force=force, on_start=on_start, on_step=on_step, on_note=on_note)
+        if json_out:
+            print(json.dumps({"out_dir": str(out_dir), **report["totals"]}))
+            return
+        out.print(_summary_table(report, out_dir))
+
+
+def _summary_table(report: dict, out_dir: Path) -> Table:
+    t = report["totals"]
+    table = Table(title=f"{out_dir}: {report['method']}", show_header=True)
+    table.add_column("")
+    table.add_column("value", justify="right")
+    rows = [
+        ("decoder linear weights", f"{t['linear_weights']:,}"),
+        ("paper-style weight bits", f"{t['linear_paper_bits']:.4f}"),
+        ("paper-style scaling bits", f"{t['linear_paper_scale_bits']:.4f}"),
+        ("true bits / weight (linear)", f"{t['linear_true_bpw']:.4f}"),
+        ("true bits / weight (whole file)", f"{t['file_true_bpw']:.4f}"),
+        ("relative error (weighted mean)", f"{t['linear_rel_error']:.4f}"),
+        ("file bytes", f"{t['file_bytes']:,} ({_fmt_bytes(t['file_bytes'])})"),
+        ("FP16 bytes", f"{t['fp16_bytes']:,} ({_fmt_bytes(t['fp16_bytes'])})"),
+        ("seconds", f"{t['seconds']:.1f}"),
+    ]
+    if report["rate_penalty_used"] is not None:  # sage only
+        rows.insert(-1, ("rate penalty used", f"{report['rate_penalty_used']:.4g}"))
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+@app.command()
+def demo(
+    out_dir: Optional[Path] = typer.Argument(None, help="Where the compressed demo model goes "
+                                             "(default: the sagekit cache, reused when present)."),
+    prompt: str = typer.Option("The capital of France is", help="Prompt sent to both models."),
+    max_new_tokens: int = typer.Option(24, min=1, help="Tokens each model generates (greedy)."),
+    text: Optional[Path] = typer.Option(None, help="Text for the perplexity comparison (default: a short "
+                                        "passage that ships with sagekit)."),
+    seqlen: int = typer.Option(256, min=16, help="Perplexity window length."),
+    max_windows: int = typer.Option(4, min=1, help="Perplexity windows scored."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    force: bool = typer.Option(False, help="Compress again even if OUT_DIR exists."),
+) -> None:
+    """The whole job on the built-in model: import, compress, then FP16 and compressed side by side."""
+    from importlib.resources import files
+
+    from sagekit.eval.perplexity import evaluate, read_text
+    from sagekit.io.demo import cache_dir, demo_model
+    from sagekit.model.generate import generate as run_generate
+    from sagekit.quant.compress import CompressOptions
+    from sagekit.quant.compress import compress as run_compress
+
+    with _user_errors():
+        fp16 = demo_model(log=lambda m: err.print(f"[dim]{m}[/]"))
+        packed = out_dir or cache_dir() / f"smollm2-135m-instruct-sage-grid{DEFAULT_GRID_BITS}"
+        if force or not (packed / "report.json").is_file():
+            opts = CompressOptions(method="sage-grid", baseline_knobs=dict(GRID_DEFAULTS))  # = `sagekit compress`
+            with progress() as bar:
+                task = bar.add_task("compress", total=None)
+                run_compress(fp16, packed, opts, force=force,
+                             on_start=lambda phase, n: bar.update(task, total=n, description=phase),
+                             on_step=lambda st: bar.advance(task))
+        else:
+            err.print(f"[dim]reusing {packed} (pass --force to compress again)[/]")
+        report = json.loads((packed / "report.json").read_text())
+        out.print(_summary_table(report, packed))
+
+        tok = _tokenizer(fp16)
+        ids = tok.encode(prompt).ids
+        passage = text or Path(str(files("sagekit") / "data" / "demo_passage.txt"))
+        text_ids = np.asarray(tok.encode(read_text(passage)).ids, dtype=np.int64)
+        table = Table("", "FP16 reference", "SAGE compressed", title=f"prompt: {prompt!r}")
+        rows: dict[str, list[str]] = {k: [] for k in ("continuation", "decode tok/s", "weights in memory",
+                                                      "file bytes", f"ppl ({passage.name})")}
+        for path in (fp16, packed):
+            llm = _model(path, device, max(len(ids) + max_new_tokens, seqlen))
+            g = run_generate(llm, ids, max_new_tokens, temperature=0.0)
+            r = evaluate(llm, text_ids, seqlen, max_windows)
+            files_bytes = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+            rows["continuation"].append(repr(tok.decode(g.tokens)))
+            rows["decode tok/s"].append(f"{g.decode_tok_s:.1f}")
+            rows["weights in memory"].append(_fmt_bytes(llm.weight_bytes))
+            rows["file bytes"].append(_fmt_bytes(files_bytes))
+            rows[f"ppl ({passage.name})"].append(f"{r.ppl:.2f} ({r.windows}x{seqlen} tokens)")
+        for k, v in rows.items():
+            table.add_row(k, *v)
+        out.print(table)
