@@ -16,13 +16,14 @@ from sagekit.io.safetensors import SafetensorsFile, write_safetensors
 from sagekit.io.synthetic import write_random_checkpoint
 from sagekit.model.generate import generate
 from sagekit.model.load import load_model
-from sagekit.quant import billm, pbllm, q1, rtn
+from sagekit.quant import billm, gptq, pbllm, q1, rtn
 
 from conftest import tiny_config
 
 runner = CliRunner()
-METHODS = ("rtn", "q1", "billm", "pbllm")
-MODULES = {"rtn": rtn, "q1": q1, "billm": billm, "pbllm": pbllm}
+METHODS = ("rtn", "q1", "billm", "pbllm", "gptq")
+MODULES = {"rtn": rtn, "q1": q1, "billm": billm, "pbllm": pbllm, "gptq": gptq}
+CALIBRATED = ("billm", "pbllm", "gptq")
 
 
 def calibration_text(path: Path, words: int = 1500, seed: int = 0) -> Path:
@@ -69,7 +70,7 @@ def calib_file(tmp_path_factory) -> Path:
 
 def compress_args(method: str, src: Path, out: Path, calib: Path) -> list[str]:
     args = ["compress", str(src), str(out), "--method", method, "--device", "cpu"]
-    if method in ("billm", "pbllm"):
+    if method in CALIBRATED:
         args += ["--calib", str(calib), "--calib-samples", "4", "--calib-seqlen", "32"]
     return args
 
@@ -132,7 +133,7 @@ def test_q1_is_exactly_1_125_bits_on_whole_blocks():
 
 
 def _fit(method: str, w: np.ndarray, h: np.ndarray, **kw):
-    return MODULES[method].fit(w, h if method in ("billm", "pbllm") else None, **kw)
+    return MODULES[method].fit(w, h if method in CALIBRATED else None, **kw)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -202,6 +203,10 @@ CORRUPTIONS = [
     ("pbllm", "scale", lambda a: np.full_like(a, np.nan)),
     ("pbllm", "sal_ptr", lambda a: a[::-1].copy()),
     ("pbllm", "sal_idx", lambda a: np.full_like(a, 40)),
+    ("gptq", "zero", lambda a: np.full_like(a, 16)),  # 4 bits: zero points 0..15
+    ("gptq", "perm", lambda a: np.zeros_like(a)),
+    ("gptq", "scale", lambda a: np.full_like(a, np.nan)),
+    ("gptq", "codes", lambda a: a[:, :, :-1]),
 ]
 
 
@@ -251,7 +256,8 @@ def test_corrupt_folder_gives_a_one_line_error(packed_dirs, tmp_path):
     (["--levels", "kmeans"], "--levels must be lloyd or uniform"),
     (["--recipe", "paper", "--calib", "CALIB"], "--calib applies to billm"),  # the paper recipe is data-free
     (["--method", "q1", "--target-bpw", "1.5"], "sage only"),
-    (["--method", "gptq"], "unknown method"),
+    (["--method", "awq"], "unknown method"),
+    (["--method", "gptq"], "needs calibration text"),
     (["--recipe", "paper", "--saliency", "hessian"], "needs calibration text"),
     (["--saliency", "hessian"], "applies to --recipe paper"),
     (["--rate-penalty", "0.1"], "--rate-penalty applies to --recipe paper"),
@@ -278,3 +284,22 @@ def test_skipped_linears_stay_fp16_under_calibration(tiny_src, calib_file, tmp_p
     stored = stored_bytes(out)
     assert stored["model.layers.0.mlp.up_proj.weight"] == 2 * 160 * 64
     load_model(out, get_backend("cpu"), 32).forward(np.arange(10), 0)
+
+
+def test_gptq_bits_and_error_feedback():
+    """B + 24/64 bits per weight plus the act-order; error feedback beats the same grids without it."""
+    rng = np.random.default_rng(7)
+    x = correlated_inputs(2048, 256, seed=8)
+    w = (0.05 * rng.standard_normal((64, 256))).astype(np.float32)
+    packed, w_hat = gptq.fit(w, hessian(x), bits=3)
+    assert 8 * packed.nbytes / w.size == pytest.approx(3 + 24 / 64 + 16 / 64)
+    perm = packed.perm.astype(np.int64)
+    plain = np.empty_like(w)
+    for g in range(4):  # the same min-max grids, each on the original weights of its group, no feedback
+        cols = perm[64 * g:64 * (g + 1)]
+        lo, hi = np.minimum(w[:, cols].min(1), 0), np.maximum(w[:, cols].max(1), 0)
+        s = ((hi - lo) / 7)[:, None]
+        z = np.round(-lo[:, None] / s)
+        plain[:, cols] = s * (np.clip(np.round(w[:, cols] / s + z), 0, 7) - z)
+    err = lambda w_hat: np.linalg.norm(x @ w.T - x @ w_hat.T)  # noqa: E731
+    assert err(w_hat) < 0.8 * err(plain)

@@ -19,11 +19,13 @@ import numpy as np
 
 from sagekit.backend import get_backend
 from sagekit.eval.perplexity import Tally, log_probs, read_text, windows
+from sagekit.io.checkpoint import Checkpoint
 from sagekit.io.demo import demo_model
 from sagekit.model.linear import DenseLinear
 from sagekit.model.load import load_model
 from sagekit.model.tokenizer import load_tokenizer
 from sagekit.quant import grid, sage_grid
+from sagekit.quant.allocation import allocate
 from sagekit.quant.calibration import CalibOptions, calibration_windows, record_hessians
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2"
@@ -60,6 +62,8 @@ def quantize(w: np.ndarray, h: np.ndarray | None, r: dict, name: str) -> tuple[n
 def bits_for(name: str, r: dict) -> dict:
     """Per-matrix overrides: r may carry e.g. v=3 or down=3 or first=4 (bits for those matrices)."""
     r = dict(r)
+    if "alloc" in r:
+        r["bits"] = r["alloc"][name]
     short = name.split(".")[-1].replace("_proj", "")
     layer = int(name.split(".")[2])
     if short in r:
@@ -78,7 +82,8 @@ def parse(spec: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--recipe", action="append", required=True)
+    ap.add_argument("--recipe", action="append", default=[])
+    ap.add_argument("--folder", action="append", default=[], help="a packed folder to score as well")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-seqlen", type=int, default=2048)
@@ -95,10 +100,21 @@ def main() -> None:
     ids = np.asarray(load_tokenizer(folder).encode(read_text(DATA / "wiki.test.txt")).ids, dtype=np.int64)
     wins = windows(ids, 2048, args.windows)
     ref_lp = [log_probs(ref, w).astype(np.float16) for w in wins]
+    shapes = {n: w.shape for n, w in dense.items()}
+    other_bytes = 2 * sum(int(np.prod(s)) for s in ckpt_shapes(folder).values()) - 2 * sum(w.size for w in dense.values())
+    params = sum(int(np.prod(s)) for s in ckpt_shapes(folder).values())
+    for spec in args.folder:  # packed folders made by `sagekit compress`, scored against the same reference
+        report = json.loads((Path(spec) / "report.json").read_text())["totals"]
+        model = load_model(spec, backend, 2048)
+        score(spec, model, wins, ref_lp, {"quant_s": round(report["seconds"], 1),
+                                          "true_bits": round(report["linear_true_bpw"], 4),
+                                          "file_bits": round(report["file_true_bpw"], 4)})
     for spec, r in zip(args.recipe, recipes):
         t0 = time.perf_counter()
         model = load_model(folder, backend, 2048)
         stored = n_weights = 0
+        if "target" in r:
+            r["alloc"] = allocate(shapes, sage_grid.grid_nbytes, r["target"] / 100, sage_grid.sensitivity(shapes))
         for i, layer in enumerate(model.layers):
             for suffix, lin in layer.linears().items():
                 name = f"model.layers.{i}.{suffix}"
@@ -126,14 +142,23 @@ def main() -> None:
                         "self_attn.o_proj": "o", "mlp.gate_proj": "gate", "mlp.up_proj": "up",
                         "mlp.down_proj": "down"}[suffix]
                 setattr(layer, attr, DenseLinear(w_hat))
-        tq = time.perf_counter() - t0
-        tally = Tally()
-        for w, rl in zip(wins, ref_lp):
-            tally.add(np, log_probs(model, w), w, rl.astype(np.float32))
-        res = tally.result(len(wins), 2048, 0.0, True)
-        print(json.dumps({"recipe": spec, "ppl": round(res.ppl, 3), "kl": round(res.kl, 4),
-                          "top1": round(res.top1, 4), "quant_s": round(tq, 1),
-                          "true_bits": round(8 * stored / max(n_weights, 1), 4)}), flush=True)
+        score(spec, model, wins, ref_lp, {"quant_s": round(time.perf_counter() - t0, 1),
+                                          "true_bits": round(8 * stored / max(n_weights, 1), 4),
+                                          "file_bits": round(8 * (stored + other_bytes) / params, 4)})
+
+
+def ckpt_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    with Checkpoint(folder) as ckpt:
+        return {n: tuple(ckpt.file_of(n).shape(n)) for n in ckpt.names()}
+
+
+def score(spec: str, model, wins, ref_lp, extra: dict) -> None:
+    tally = Tally()
+    for w, rl in zip(wins, ref_lp):
+        tally.add(np, log_probs(model, w), w, rl.astype(np.float32))
+    res = tally.result(len(wins), 2048, 0.0, True)
+    print(json.dumps({"recipe": spec, "ppl": round(res.ppl, 3), "kl": round(res.kl, 4),
+                      "top1": round(res.top1, 4), **extra}), flush=True)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from sagekit.cli.common import (
 from sagekit.errors import SagekitError
 
 DEFAULT_GRID_BITS = 4  # the default compress: see README (quality against size on the demo model)
+GRID, PAPER, CALIB, BASE = ("sage grid recipe (default)", "sage paper recipe (--recipe paper)", "calibration",
+                             "baselines (--method rtn, q1, billm, pbllm, gptq)")  # --help panels
 GRID_DEFAULTS = {"bits": DEFAULT_GRID_BITS, "rotate": True, "row_scale": True, "levels": "lloyd",
                  "error_feedback": True}
 
@@ -34,50 +36,56 @@ def compress(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP.replace("or a sagekit compressed folder", "")),
     out_dir: Path = typer.Argument(Path("sagekit-out"), help="Folder to create for the packed model."),
     method: str = typer.Option("sage", help="Quantisation method: sage (SAGE-PTQ), or a baseline: rtn, q1, "
-                               "billm, pbllm (billm and pbllm need --calib)."),
+                               "billm, pbllm, gptq (billm, pbllm and gptq need --calib; gptq takes --bits)."),
     recipe: str = typer.Option("grid", help="sage: grid (rotation, one FP16 scale per row, 2^bits Lloyd levels "
                                "per matrix; error feedback with --calib) or paper (the paper's binary + salient "
-                               "reconstruction, which the knobs below up to --saliency steer)."),
+                               "reconstruction, which the knobs below up to --saliency steer).", rich_help_panel=GRID),
     bits: int = typer.Option(DEFAULT_GRID_BITS, min=1, max=8, help="sage grid: bits per weight of every matrix "
-                             "(with --target-bpw each matrix's bits are solved instead)."),
+                             "(with --target-bpw each matrix's bits are solved instead).", rich_help_panel=GRID),
     rotate: bool = typer.Option(True, help="sage grid: rotate each weight's input side (seeded Kronecker "
-                                "rotation) before quantising; --no-rotate is an ablation."),
+                                "rotation) before quantising; --no-rotate is an ablation.", rich_help_panel=GRID),
     row_scale: bool = typer.Option(True, help="sage grid: one FP16 scale per row; --no-row-scale keeps one "
-                                   "scale for the whole matrix (an ablation)."),
-    levels: str = typer.Option("lloyd", help="sage grid: lloyd (levels fitted to each matrix) or uniform."),
+                                   "scale for the whole matrix (an ablation).", rich_help_panel=GRID),
+    levels: str = typer.Option("lloyd", help="sage grid: lloyd (levels fitted to each matrix) or uniform.",
+                               rich_help_panel=GRID),
     error_feedback: bool = typer.Option(True, help="sage grid with --calib: round codes by LDLQ, pushing each "
-                                        "column's error onto the columns not yet rounded."),
-    salient_bits: int = typer.Option(4, min=2, max=8, help="Bits of each salient weight's correction."),
+                                        "column's error onto the columns not yet rounded.", rich_help_panel=GRID),
+    salient_bits: int = typer.Option(4, min=2, max=8, help="Bits of each salient weight's correction.",
+                                     rich_help_panel=PAPER),
     max_salient: float = typer.Option(0.05, min=0.0, max=0.5, help="Largest salient fraction p the "
-                                      "per-matrix threshold search may choose."),
+                                      "per-matrix threshold search may choose.", rich_help_panel=PAPER),
     target_bpw: Optional[float] = typer.Option(None, min=1.0, help="Land the decoder linear layers' TRUE bits "
                                                "per weight here. grid: each matrix's bits are allocated (fractional "
                                                "targets mix bit widths); paper: one rate penalty is solved, and the "
                                                "rate term chooses the group count (1, 2, 4, 8)."),
     rate_penalty: float = typer.Option(0.2, min=0.0, help="lambda in relative_error + lambda * true_bits, "
-                                       "minimised per matrix (ignored with --target-bpw)."),
+                                       "minimised per matrix (ignored with --target-bpw).", rich_help_panel=PAPER),
     group_select: str = typer.Option("silhouette", help="How each matrix's group count G is chosen: silhouette "
-                                     "(the paper) or rate (the rate-distortion objective)."),
-    n_sub: int = typer.Option(2048, min=16, help="Unsalient |w| values sampled for the kNN graph."),
-    knn: int = typer.Option(10, min=1, help="Neighbours per node in the kNN graph."),
-    max_groups: int = typer.Option(8, min=1, max=8, help="Largest group count the spectral clustering tries."),
+                                     "(the paper) or rate (the rate-distortion objective).", rich_help_panel=PAPER),
+    n_sub: int = typer.Option(2048, min=16, help="Unsalient |w| values sampled for the kNN graph.",
+                              rich_help_panel=PAPER),
+    knn: int = typer.Option(10, min=1, help="Neighbours per node in the kNN graph.", rich_help_panel=PAPER),
+    max_groups: int = typer.Option(8, min=1, max=8, help="Largest group count the spectral clustering tries.",
+                                   rich_help_panel=PAPER),
     seed: int = typer.Option(0, help="Seed of every random choice; the same seed gives byte-identical files."),
     saliency: str = typer.Option("magnitude", help="sage: how salient weights are ranked: magnitude (the "
                                  "paper: |w - mean|) or hessian (|w - mean| x the RMS of its input over the "
-                                 "calibration windows; needs --calib, beyond the paper)."),
+                                 "calibration windows; needs --calib, beyond the paper).", rich_help_panel=PAPER),
     skip: Optional[str] = typer.Option(None, help="Regex of linear names to keep in FP16, "
                                        "e.g. 'layers\\.0\\.|down_proj'."),
     workers: int = typer.Option(1, min=1, help="Processes quantising matrices in parallel (same output bytes)."),
     calib: Optional[Path] = typer.Option(None, help="Calibration text for billm/pbllm and --saliency hessian (e.g. "
-                                         "../shared/data/wikitext2/wiki.valid.tokens); never the evaluation text."),
-    calib_samples: int = typer.Option(128, min=1, help="Random calibration windows drawn from --calib."),
-    calib_seqlen: int = typer.Option(2048, min=2, help="Tokens per calibration window."),
-    calib_seed: int = typer.Option(0, help="Seed of the calibration window offsets."),
+                                         "../shared/data/wikitext2/wiki.valid.tokens); never the evaluation text.",
+                                         rich_help_panel=CALIB),
+    calib_samples: int = typer.Option(128, min=1, help="Random calibration windows drawn from --calib.",
+                                      rich_help_panel=CALIB),
+    calib_seqlen: int = typer.Option(2048, min=2, help="Tokens per calibration window.", rich_help_panel=CALIB),
+    calib_seed: int = typer.Option(0, help="Seed of the calibration window offsets.", rich_help_panel=CALIB),
     pbllm_fraction: float = typer.Option(0.1, min=0.0, max=1.0, help="pbllm: fraction of weights kept as 8-bit "
-                                         "integers (the rest are binarised)."),
+                                         "integers (the rest are binarised).", rich_help_panel=BASE),
     damp: float = typer.Option(0.01, min=0.0, help="billm/pbllm: damping added to the Hessian diagonal, as a "
-                               "fraction of its mean."),
-    device: str = typer.Option("auto", help=DEVICE_HELP + " Used by the calibration passes (billm, pbllm, --saliency hessian)."),
+                               "fraction of its mean.", rich_help_panel=BASE),
+    device: str = typer.Option("auto", help=DEVICE_HELP + " Used by the calibration passes."),
     force: bool = typer.Option(False, help="Replace OUT_DIR if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json's totals as one JSON object on stdout."),
 ) -> None:
@@ -106,9 +114,12 @@ def compress(
                                    "recipe has --bits and --target-bpw)")
         grid_knobs = {"bits": bits, "rotate": rotate, "row_scale": row_scale, "levels": levels,
                       "error_feedback": error_feedback}
-        if method != "sage-grid" and (changed := [k for k, v in grid_knobs.items() if v != GRID_DEFAULTS[k]]):
-            raise SagekitError(f"--{changed[0].replace('_', '-')} applies to --method sage --recipe grid")
+        changed = [k for k, v in grid_knobs.items() if v != GRID_DEFAULTS[k] and not (k == "bits" and method == "gptq")]
+        if method != "sage-grid" and changed:
+            raise SagekitError(f"--{changed[0].replace('_', '-')} applies to --method sage --recipe grid"
+                               + (" and --method gptq" if changed[0] == "bits" else ""))
         baseline_knobs = {"billm": {"damp": damp}, "pbllm": {"fraction": pbllm_fraction, "damp": damp},
+                          "gptq": {"bits": bits, "damp": damp},
                           "sage-grid": {**grid_knobs, "seed": seed}}
         calib_opts = CalibOptions(calib, calib_samples, calib_seqlen, calib_seed) if calib else None
         opts = CompressOptions(knobs=knobs, method=method, target_bpw=target_bpw, skip=skip, workers=workers,

@@ -91,7 +91,7 @@ def baseline_layout(method: str) -> Any:
     import importlib
 
     layouts = {"rtn": "PackedRTN", "q1": "PackedQ1", "billm": "PackedBiLLM", "pbllm": "PackedPBLLM",
-               "sage-grid": "PackedGrid"}
+               "gptq": "PackedGPTQ", "sage-grid": "PackedGrid"}
     if method not in layouts:
         return None
     return getattr(importlib.import_module(f"sagekit.quant.{method.replace('-', '_')}"), layouts[method])

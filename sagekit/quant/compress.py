@@ -37,8 +37,8 @@ from sagekit.quant.stats import MatrixStats
 LINEAR_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 # each a module sagekit.quant.<name> with quantize(w, h, name, **knobs); "sage-grid" is sage's grid recipe
-BASELINES = ("rtn", "q1", "billm", "pbllm", "sage-grid")
-CALIBRATED = ("billm", "pbllm")  # need --calib
+BASELINES = ("rtn", "q1", "billm", "pbllm", "gptq", "sage-grid")
+CALIBRATED = ("billm", "pbllm", "gptq")  # need --calib
 CALIB_OPTIONAL = ("sage-grid",)  # error feedback with --calib, data-free without
 DEFAULT_CALIB = "../shared/data/wikitext2/wiki.valid.tokens"
 
