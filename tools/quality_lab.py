@@ -24,7 +24,7 @@ from sagekit.io.demo import demo_model
 from sagekit.model.linear import DenseLinear
 from sagekit.model.load import load_model
 from sagekit.model.tokenizer import load_tokenizer
-from sagekit.quant import grid, sage_grid
+from sagekit.quant import gptq, grid, sage_grid
 from sagekit.quant.allocation import allocate
 from sagekit.quant.calibration import CalibOptions, calibration_windows, record_hessians
 
@@ -50,8 +50,11 @@ def hessians(model, folder: Path, samples: int, seqlen: int, cache: Path) -> dic
 def quantize(w: np.ndarray, h: np.ndarray | None, r: dict, name: str) -> tuple[np.ndarray, int]:
     """(W_hat float32, stored bytes) for one recipe r through sage_grid.quantize, the product's own code.
 
-    Keys: bits, rot (default 1), rowscale (1), lloyd (1), ldlq (error feedback), refit (extra LDLQ rounds)."""
-    grid.REFIT_ROUNDS = 1 + r.get("refit", 0)
+    Keys: bits, rot (default 1), rowscale (1), lloyd (1), ldlq (error feedback), rounds (LDLQ passes), gptq."""
+    if r.get("gptq"):  # the calibrated peer: plain GPTQ, groups of 64, act-order
+        packed, _ = gptq.quantize(w, h, name, r["bits"])
+        return packed.unpack(), packed.nbytes
+    grid.REFIT_ROUNDS = r.get("rounds", grid.REFIT_ROUNDS)
     packed, _ = sage_grid.quantize(w, h, name, r["bits"], rotate=bool(r.get("rot", 1)),
                                    row_scale=bool(r.get("rowscale", 1)),
                                    levels="lloyd" if r.get("lloyd", 1) else "uniform",
@@ -85,6 +88,8 @@ def main() -> None:
     ap.add_argument("--recipe", action="append", default=[])
     ap.add_argument("--folder", action="append", default=[], help="a packed folder to score as well")
     ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--text", type=Path, default=DATA / "wiki.test.txt",
+                    help="scored text; sensitivity probes that steer a design decision use wiki.valid.tokens")
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-seqlen", type=int, default=2048)
     args = ap.parse_args()
@@ -94,10 +99,10 @@ def main() -> None:
     dense = {n: lin.weight.copy() for n, lin in ref.linears().items() if n != "lm_head"}
     recipes = [parse(s) for s in args.recipe]
     hs = None
-    if any(r.get("ldlq") or r.get("wlloyd") for r in recipes):
+    if any(r.get("ldlq") or r.get("wlloyd") or r.get("gptq") for r in recipes):
         cache = Path(f"/tmp/sagekit_hess_{args.calib_samples}x{args.calib_seqlen}.npz")
         hs = hessians(ref, folder, args.calib_samples, args.calib_seqlen, cache)
-    ids = np.asarray(load_tokenizer(folder).encode(read_text(DATA / "wiki.test.txt")).ids, dtype=np.int64)
+    ids = np.asarray(load_tokenizer(folder).encode(read_text(args.text)).ids, dtype=np.int64)
     wins = windows(ids, 2048, args.windows)
     ref_lp = [log_probs(ref, w).astype(np.float16) for w in wins]
     shapes = {n: w.shape for n, w in dense.items()}
@@ -122,7 +127,7 @@ def main() -> None:
                     continue  # a sensitivity probe: this class alone is quantised
                 if "onlylayer" in r and i != r["onlylayer"]:
                     continue
-                h = hs[name] if hs is not None and (r.get("ldlq") or r.get("wlloyd")) else None
+                h = hs[name] if hs is not None and (r.get("ldlq") or r.get("wlloyd") or r.get("gptq")) else None
                 w = dense[name]
                 if r.get("proxy"):  # data-free Hessian proxy: the norm weight squared on the diagonal
                     h = None

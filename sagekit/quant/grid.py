@@ -17,7 +17,7 @@ LLOYD_ITERS = 25
 LLOYD_SAMPLE = 1 << 16
 ALTERNATIONS = 4
 BLOCK = 128
-REFIT_ROUNDS = 1
+REFIT_ROUNDS = 2  # measured: 3 bits, 4 windows: 34.94 -> 33.99 ppl for twice the LDLQ time
 
 
 def nearest(v: np.ndarray, levels: np.ndarray) -> np.ndarray:

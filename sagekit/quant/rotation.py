@@ -45,19 +45,25 @@ def matrix(n: int, seed: int) -> np.ndarray:
     return np.kron(a, b)
 
 
+@lru_cache(maxsize=256)
+def _factors_as(n: int, seed: int, dtype: np.dtype, inverse: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(left, right) with R x = left X right (or R^T x when inverse), in the activations' dtype."""
+    a, b = factors(n, seed)
+    left, right = (a.T, b) if inverse else (a, b.T)
+    return np.ascontiguousarray(left, dtype=dtype), np.ascontiguousarray(right, dtype=dtype)
+
+
+def _apply(x: np.ndarray, seed: int, inverse: bool) -> np.ndarray:
+    left, right = _factors_as(x.shape[-1], seed, x.dtype, inverse)
+    xm = x.reshape(*x.shape[:-1], left.shape[0], right.shape[0])
+    return np.matmul(np.matmul(left, xm), right).reshape(x.shape)
+
+
 def rotate(x: np.ndarray, seed: int) -> np.ndarray:
     """R x for every row of x (..., n): A X B^T on each row viewed as (a, b)."""
-    n = x.shape[-1]
-    a, b = factors(n, seed)
-    xm = x.reshape(*x.shape[:-1], a.shape[0], b.shape[0])
-    y = np.matmul(np.matmul(a.astype(x.dtype), xm), b.T.astype(x.dtype))
-    return y.reshape(x.shape)
+    return _apply(x, seed, inverse=False)
 
 
 def unrotate(x: np.ndarray, seed: int) -> np.ndarray:
     """R^T x for every row of x (..., n): A^T X B, the inverse of rotate."""
-    n = x.shape[-1]
-    a, b = factors(n, seed)
-    xm = x.reshape(*x.shape[:-1], a.shape[0], b.shape[0])
-    y = np.matmul(np.matmul(a.T.astype(x.dtype), xm), b.astype(x.dtype))
-    return y.reshape(x.shape)
+    return _apply(x, seed, inverse=True)
