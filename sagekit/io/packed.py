@@ -14,6 +14,7 @@ import numpy as np
 
 from sagekit.backend import Backend
 from sagekit.errors import SagekitError
+from sagekit.format.layouts import layout_of
 from sagekit.io.checkpoint import INDEX_NAME, Checkpoint
 from sagekit.io.safetensors import write_safetensors
 from sagekit.model.linear import Linear
@@ -86,21 +87,9 @@ def is_packed(ckpt: Checkpoint, prefix: str) -> bool:
     return ckpt.quantization is not None and prefix in modules_of(ckpt)
 
 
-def baseline_layout(method: str) -> Any:
-    """The packed class of a baseline method (sagekit.quant.<method>), or None for an unknown method."""
-    import importlib
-
-    layouts = {"rtn": "PackedRTN", "q1": "PackedQ1", "billm": "PackedBiLLM", "pbllm": "PackedPBLLM",
-               "sage-grid": "PackedGrid"}
-    if method not in layouts:
-        return None
-    return getattr(importlib.import_module(f"sagekit.quant.{method.replace('-', '_')}"), layouts[method])
-
-
 def read_linear(ckpt: Checkpoint, prefix: str, backend: Backend, kernels: bool = True) -> Linear:
     """The Linear for one packed module; kernels=False dequantises on use instead (the reference path)."""
     from sagekit.model.linear import DequantLinear, SageLinear
-    from sagekit.quant.pack import PackedSage
 
     info = modules_of(ckpt)[prefix]
     method = info.get("method")
@@ -108,7 +97,7 @@ def read_linear(ckpt: Checkpoint, prefix: str, backend: Backend, kernels: bool =
         shape = (int(info["shape"][0]), int(info["shape"][1]))
     except (KeyError, TypeError, ValueError, IndexError):
         raise SagekitError(f"{ckpt.path}: module {prefix} has no valid shape in quantization_config") from None
-    layout = PackedSage if method == "sage" else baseline_layout(method)
+    layout = layout_of(method)
     if layout is None:
         raise SagekitError(f"{ckpt.path}: module {prefix} uses method '{method}', unknown to this sagekit")
     if method == "sage":
