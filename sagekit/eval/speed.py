@@ -15,9 +15,9 @@ from typing import Any, Callable
 import numpy as np
 
 from sagekit.backend import Backend
+from sagekit.format.config import LlamaConfig
 from sagekit.format.sage import random_packed
 from sagekit.io.synthetic import SHAPES, llama_config
-from sagekit.model.config import LlamaConfig
 from sagekit.model.linear import DenseLinear, HalfLinear, Linear, SageLinear
 from sagekit.model.llama import Layer, Llama
 from sagekit.model.load import load_model
