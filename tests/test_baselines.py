@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from sagekit.backend import get_backend
 from sagekit.cli import app
 from sagekit.eval.perplexity import evaluate
+from sagekit.format.sign_scale import PackedRTN
 from sagekit.io.safetensors import SafetensorsFile, write_safetensors
 from sagekit.io.synthetic import write_random_checkpoint
 from sagekit.model.generate import generate
@@ -225,9 +226,9 @@ def test_from_arrays_names_the_corrupt_field(method, field, corrupt):
 def test_missing_and_unknown_fields_are_refused():
     packed, _ = rtn.fit(np.ones((2, 8), dtype=np.float32))
     with pytest.raises(ValueError, match="scale"):
-        rtn.PackedRTN.from_arrays({"sign": packed.sign}, (2, 8))
+        PackedRTN.from_arrays({"sign": packed.sign}, (2, 8))
     with pytest.raises(ValueError, match="extra"):
-        rtn.PackedRTN.from_arrays({**packed.arrays(), "extra": packed.sign}, (2, 8))
+        PackedRTN.from_arrays({**packed.arrays(), "extra": packed.sign}, (2, 8))
 
 
 def test_corrupt_folder_gives_a_one_line_error(packed_dirs, tmp_path):

@@ -12,12 +12,12 @@ from typer.testing import CliRunner
 
 from sagekit.backend import get_backend
 from sagekit.cli import app
+from sagekit.format.sage import PackedSage, unpack_sage
 from sagekit.io.checkpoint import Checkpoint
 from sagekit.io.safetensors import SafetensorsFile, write_safetensors
 from sagekit.io.synthetic import write_random_checkpoint
 from sagekit.model.load import load_model
 from sagekit.quant.compress import CompressOptions, compress
-from sagekit.quant.pack import PackedSage, unpack_sage
 
 from conftest import tiny_config
 

@@ -24,14 +24,14 @@ from hypothesis import strategies as st
 
 from sagekit.backend import get_backend
 from sagekit.errors import SagekitError
+from sagekit.format.config import LlamaConfig
+from sagekit.format.sage import random_packed
 from sagekit.io.checkpoint import Checkpoint
 from sagekit.io.packed import SAGE_FIELDS
 from sagekit.io.safetensors import DTYPES, SafetensorsFile, write_safetensors
 from sagekit.io.synthetic import write_random_checkpoint
-from sagekit.model.config import LlamaConfig
 from sagekit.model.load import load_model
 from sagekit.quant.compress import CompressOptions, compress
-from sagekit.quant.pack import random_packed
 from sagekit.quant.sage import SageKnobs
 
 from conftest import tiny_config

@@ -10,10 +10,12 @@ import pytest
 from sagekit.backend import get_backend
 from sagekit.errors import SagekitError
 from sagekit.eval.perplexity import evaluate
+from sagekit.format import rotation
+from sagekit.format.sage_grid import PackedGrid, grid_nbytes
 from sagekit.io.synthetic import write_random_checkpoint
 from sagekit.model.generate import generate
 from sagekit.model.load import load_model
-from sagekit.quant import grid, rotation, sage_grid
+from sagekit.quant import grid, sage_grid
 from sagekit.quant.allocation import allocate
 
 from conftest import tiny_config
@@ -81,9 +83,9 @@ def test_packed_grid_stores_what_it_counts_and_unpacks_the_quantizers_weight(bit
     rng = np.random.default_rng(bits)
     w = rng.standard_normal((10, 70)).astype(np.float32)
     packed, stats = sage_grid.quantize(w, None, "m.layers.0.mlp.down_proj", bits=bits)
-    assert packed.nbytes == sage_grid.grid_nbytes(10, 70, bits) == stats.nbytes
+    assert packed.nbytes == grid_nbytes(10, 70, bits) == stats.nbytes
     assert stats.true_bits == pytest.approx(8 * packed.nbytes / w.size)
-    again = sage_grid.PackedGrid.from_arrays(packed.arrays(), packed.shape)
+    again = PackedGrid.from_arrays(packed.arrays(), packed.shape)
     assert np.array_equal(again.unpack(), packed.unpack())
     assert len(np.unique(packed.indices())) <= 1 << bits
 
@@ -101,7 +103,7 @@ def test_corrupt_grid_fields_are_named(field, corrupt):
     arrays = packed.arrays()
     arrays[field] = corrupt(arrays[field])
     with pytest.raises(ValueError, match="codes" if field == "levels" and len(arrays[field]) == 8 else field):
-        sage_grid.PackedGrid.from_arrays(arrays, packed.shape)
+        PackedGrid.from_arrays(arrays, packed.shape)
 
 
 DEMO_SHAPES = {f"model.layers.{i}.{n}": s for i in range(30) for n, s in [
@@ -112,21 +114,21 @@ DEMO_SHAPES = {f"model.layers.{i}.{n}": s for i in range(30) for n, s in [
 
 @pytest.mark.parametrize("target", [1.5, 2.0, 2.5, 3.0, 4.0])
 def test_allocation_lands_on_target(target):
-    bits = allocate(DEMO_SHAPES, sage_grid.grid_nbytes, target, sage_grid.sensitivity(DEMO_SHAPES))
-    total = sum(sage_grid.grid_nbytes(*DEMO_SHAPES[n], b) for n, b in bits.items())
+    bits = allocate(DEMO_SHAPES, grid_nbytes, target, sage_grid.sensitivity(DEMO_SHAPES))
+    total = sum(grid_nbytes(*DEMO_SHAPES[n], b) for n, b in bits.items())
     true_bpw = 8 * total / sum(o * i for o, i in DEMO_SHAPES.values())
     assert target - 0.03 <= true_bpw <= target
 
 
 def test_allocation_gives_the_more_sensitive_matrix_more_bits():
     sizes = {"a": (64, 64), "b": (64, 64)}
-    bits = allocate(sizes, sage_grid.grid_nbytes, 3.0, {"a": 10.0, "b": 1.0})
+    bits = allocate(sizes, grid_nbytes, 3.0, {"a": 10.0, "b": 1.0})
     assert bits["a"] > bits["b"]
 
 
 def test_allocation_below_the_cheapest_codes_is_refused():
     with pytest.raises(SagekitError, match="at least"):
-        allocate(DEMO_SHAPES, sage_grid.grid_nbytes, 1.0, sage_grid.sensitivity(DEMO_SHAPES))
+        allocate(DEMO_SHAPES, grid_nbytes, 1.0, sage_grid.sensitivity(DEMO_SHAPES))
 
 
 def _compress(src, out, *args):

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sagekit.format.sage import PackedSage, random_packed, unpack_sage
 from sagekit.kernels import cpu, cuda, half_matmul, lut_matmul, transformer_ops
-from sagekit.quant.pack import PackedSage, random_packed, unpack_sage
 
 SHAPES = [(37, 70), (129, 200), (576, 1536), (16, 32)]
 KERNEL_DIR = Path(cpu.__file__).resolve().parent
@@ -183,8 +183,8 @@ def test_walsh_coefficients_rebuild_alpha():
 
 PORTABLE = """
 import numpy as np
+from sagekit.format.sage import random_packed, unpack_sage
 from sagekit.kernels import cpu
-from sagekit.quant.pack import random_packed, unpack_sage
 assert not cpu.AVX512
 for g in (1, 4):
     p = random_packed(129, 200, g, 0.03, seed=g)

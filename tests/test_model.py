@@ -110,7 +110,7 @@ def test_sampling_is_deterministic_for_a_seed(tiny_model):
 
 
 def test_llama3_rope_scaling_keeps_high_and_scales_low_frequencies():
-    from sagekit.model.config import LlamaConfig
+    from sagekit.format.config import LlamaConfig
 
     base = LlamaConfig.from_hf(tiny_config(hidden_size=512, num_attention_heads=4, rope_theta=500000.0))
     scaled = LlamaConfig.from_hf(tiny_config(hidden_size=512, num_attention_heads=4, rope_theta=500000.0,

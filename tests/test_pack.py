@@ -7,16 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from sagekit.quant.pack import (
-    PackedSage,
-    group_ids,
-    pack_bits,
-    pack_sage,
-    random_packed,
-    sage_nbytes,
-    unpack_bits,
-    unpack_sage,
-)
+from sagekit.format.bits import pack_bits, unpack_bits
+from sagekit.format.sage import PackedSage, group_ids, pack_sage, random_packed, sage_nbytes, unpack_sage
 
 SHAPES = [(1, 1), (3, 31), (5, 32), (4, 33), (37, 70), (129, 200)]
 

@@ -2,7 +2,7 @@
 
     python tools/bench_kernels.py --shapes 4096x11008,11008x4096 --groups 1,2,4 --tokens 1,128 --json out.json
 
-Shapes are out x in. Weights are random packed matrices (sagekit.quant.pack.random_packed): speed does not
+Shapes are out x in. Weights are random packed matrices (sagekit.format.sage.random_packed): speed does not
 depend on the values. Every figure is the median of --repeats timed calls, packed and dense calls in
 alternating blocks; the minimum is printed too because other work on a small machine inflates medians. Speedup is dense median / packed median. For a per-core comparison set NUMBA_NUM_THREADS=1 and
 OPENBLAS_NUM_THREADS=1 (or OMP_NUM_THREADS=1, depending on NumPy's BLAS).
@@ -19,8 +19,8 @@ import time
 import numba
 import numpy as np
 
+from sagekit.format.sage import random_packed, unpack_sage
 from sagekit.kernels import cpu
-from sagekit.quant.pack import random_packed, unpack_sage
 
 
 def machine() -> dict:

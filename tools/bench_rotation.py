@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from sagekit.quant import rotation
+from sagekit.format import rotation
 
 # input width -> output rows of the linears that read that input (demo model: q|k|v, o, gate|up, down)
 SHAPES = {"q|k|v (576 -> 960)": (576, 960), "o (576 -> 576)": (576, 576), "gate|up (576 -> 3072)": (576, 3072),

@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 
 from sagekit.backend import get_backend
-from sagekit.eval.perplexity import Tally, log_probs, read_text, windows
+from sagekit.eval.perplexity import Tally, log_probs, windows
 from sagekit.io.checkpoint import Checkpoint
 from sagekit.io.demo import demo_model
+from sagekit.io.text import read_text
 from sagekit.model.load import load_model
 from sagekit.model.tokenizer import load_tokenizer
 from sagekit.quant.calibration import CalibOptions

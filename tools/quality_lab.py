@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from sagekit.backend import get_backend
-from sagekit.eval.perplexity import Tally, log_probs, read_text, windows
+from sagekit.eval.perplexity import Tally, log_probs, windows
 from sagekit.io.checkpoint import Checkpoint
 from sagekit.io.demo import demo_model
+from sagekit.io.text import read_text
 from sagekit.model.linear import DenseLinear
 from sagekit.model.load import load_model
 from sagekit.model.tokenizer import load_tokenizer
@@ -28,6 +29,7 @@ from sagekit.quant import gptq, grid, sage_grid
 from sagekit.quant.allocation import allocate
 from sagekit.quant.calibration import CalibOptions, calibration_windows, record_hessians
 
+DEFAULT_ROUNDS = grid.REFIT_ROUNDS
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2"
 
 
@@ -54,7 +56,7 @@ def quantize(w: np.ndarray, h: np.ndarray | None, r: dict, name: str) -> tuple[n
     if r.get("gptq"):  # the calibrated peer: plain GPTQ, groups of 64, act-order
         packed, _ = gptq.quantize(w, h, name, r["bits"])
         return packed.unpack(), packed.nbytes
-    grid.REFIT_ROUNDS = r.get("rounds", grid.REFIT_ROUNDS)
+    grid.REFIT_ROUNDS = r.get("rounds", DEFAULT_ROUNDS)
     packed, _ = sage_grid.quantize(w, h, name, r["bits"], rotate=bool(r.get("rot", 1)),
                                    row_scale=bool(r.get("rowscale", 1)),
                                    levels="lloyd" if r.get("lloyd", 1) else "uniform",

@@ -188,8 +188,9 @@ def demo(
     """The whole job on the built-in model: import, compress, then FP16 and compressed side by side."""
     from importlib.resources import files
 
-    from sagekit.eval.perplexity import evaluate, read_text
+    from sagekit.eval.perplexity import evaluate
     from sagekit.io.demo import cache_dir, demo_model
+    from sagekit.io.text import read_text
     from sagekit.model.generate import generate as run_generate
     from sagekit.quant.compress import CompressOptions
     from sagekit.quant.compress import compress as run_compress

@@ -80,7 +80,8 @@ def eval_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Perplexity on a text: tokenise once (no BOS), non-overlapping windows, score every position after the first."""
-    from sagekit.eval.perplexity import evaluate, read_text, windows
+    from sagekit.eval.perplexity import evaluate, windows
+    from sagekit.io.text import read_text
 
     with _user_errors():
         path = _resolve(model)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -31,17 +30,6 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
-
-
-def read_text(path: Path) -> str:
-    try:
-        return path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise SagekitError(f"text file {path} does not exist") from None
-    except UnicodeDecodeError as e:
-        raise SagekitError(f"{path} is not UTF-8 text (byte {e.start}): convert it first") from None
-    except OSError as e:
-        raise SagekitError(f"cannot read {path}: {e.strerror}") from None
 
 
 def windows(ids: np.ndarray, seqlen: int, max_windows: int | None) -> np.ndarray:

@@ -15,12 +15,12 @@ from typing import Any, Callable
 import numpy as np
 
 from sagekit.backend import Backend
+from sagekit.format.config import LlamaConfig
+from sagekit.format.sage import random_packed
 from sagekit.io.synthetic import SHAPES, llama_config
-from sagekit.model.config import LlamaConfig
 from sagekit.model.linear import DenseLinear, HalfLinear, Linear, SageLinear
 from sagekit.model.llama import Layer, Llama
 from sagekit.model.load import load_model
-from sagekit.quant.pack import random_packed
 
 BENCH_SHAPES = {**SHAPES, "llama2-70b-layer": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=1,
                                                    num_attention_heads=64, num_key_value_heads=8, vocab_size=32000)}

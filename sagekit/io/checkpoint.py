@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from sagekit.errors import SagekitError
+from sagekit.format.config import LlamaConfig
 from sagekit.io.safetensors import SafetensorsFile
-from sagekit.model.config import LlamaConfig
 
 INDEX_NAME = "model.safetensors.index.json"
 

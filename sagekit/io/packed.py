@@ -1,7 +1,8 @@
 """The packed folder format (docs/FORMAT.md): sharded safetensors of packed planes + config + report.
 
 Writing goes through ShardWriter (deterministic shard contents and names); reading turns the arrays of one
-quantised linear back into a Linear for the model, validating them first because files can be damaged.
+quantised linear back into its layout object (sagekit.format), validating them first because files can be
+damaged; sagekit.model.load makes the Linear.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from sagekit.backend import Backend
 from sagekit.errors import SagekitError
+from sagekit.format.layouts import layout_of
 from sagekit.io.checkpoint import INDEX_NAME, Checkpoint
 from sagekit.io.safetensors import write_safetensors
-from sagekit.model.linear import Linear
 
 QUANT_METHOD = "sage-ptq"
 FORMAT_VERSION = 1
@@ -86,29 +86,15 @@ def is_packed(ckpt: Checkpoint, prefix: str) -> bool:
     return ckpt.quantization is not None and prefix in modules_of(ckpt)
 
 
-def baseline_layout(method: str) -> Any:
-    """The packed class of a baseline method (sagekit.quant.<method>), or None for an unknown method."""
-    import importlib
-
-    layouts = {"rtn": "PackedRTN", "q1": "PackedQ1", "billm": "PackedBiLLM", "pbllm": "PackedPBLLM",
-               "gptq": "PackedGPTQ", "sage-grid": "PackedGrid"}
-    if method not in layouts:
-        return None
-    return getattr(importlib.import_module(f"sagekit.quant.{method.replace('-', '_')}"), layouts[method])
-
-
-def read_linear(ckpt: Checkpoint, prefix: str, backend: Backend, kernels: bool = True) -> Linear:
-    """The Linear for one packed module; kernels=False dequantises on use instead (the reference path)."""
-    from sagekit.model.linear import DequantLinear, SageLinear
-    from sagekit.quant.pack import PackedSage
-
+def read_packed(ckpt: Checkpoint, prefix: str) -> Any:
+    """The validated layout object (sagekit.format) of one packed module; the model decides how to run it."""
     info = modules_of(ckpt)[prefix]
     method = info.get("method")
     try:
         shape = (int(info["shape"][0]), int(info["shape"][1]))
     except (KeyError, TypeError, ValueError, IndexError):
         raise SagekitError(f"{ckpt.path}: module {prefix} has no valid shape in quantization_config") from None
-    layout = PackedSage if method == "sage" else baseline_layout(method)
+    layout = layout_of(method)
     if layout is None:
         raise SagekitError(f"{ckpt.path}: module {prefix} uses method '{method}', unknown to this sagekit")
     if method == "sage":
@@ -117,7 +103,6 @@ def read_linear(ckpt: Checkpoint, prefix: str, backend: Backend, kernels: bool =
         fields = tuple(n[len(prefix) + 1:] for n in ckpt.names() if n.startswith(prefix + "."))
     arrays = {f: np.array(ckpt.raw(f"{prefix}.{f}")) for f in fields}  # copies: the file map closes
     try:
-        packed = layout.from_arrays(arrays, shape)
+        return layout.from_arrays(arrays, shape)
     except ValueError as e:
         raise SagekitError(f"{ckpt.path}: packed weight {prefix} is corrupt ({e}); compress the model again") from None
-    return SageLinear(packed, backend) if method == "sage" and kernels else DequantLinear(packed, backend)

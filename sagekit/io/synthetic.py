@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from sagekit.format.config import LlamaConfig
 from sagekit.io.checkpoint import INDEX_NAME
 from sagekit.io.safetensors import write_safetensors
-from sagekit.model.config import LlamaConfig
 
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,

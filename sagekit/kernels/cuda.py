@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sagekit.quant.pack import PackedSage, n_id_bits
+from sagekit.format.sage import PackedSage, n_id_bits
 
 KERNEL_DIR = Path(__file__).resolve().parent
 GEMV_WARPS = 8  # rows per GEMV block, one warp each

@@ -26,9 +26,10 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from sagekit.format.bits import n_words
+from sagekit.format.sage import PackedSage
 from sagekit.kernels.llvm_intrinsics import ROWS, lut_planes, sparse_row16
 from sagekit.kernels.serial_twin import serial_twin
-from sagekit.quant.pack import PackedSage, n_words
 
 TOKEN_BATCH = ROWS  # tokens sharing one pass over the planes; the salient pass holds them in one vector
 BLAS_MIN_TOKENS = 64  # prefill with 4+ Walsh planes: unpacked row tiles through BLAS beat 4+ lookups a weight

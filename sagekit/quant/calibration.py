@@ -21,8 +21,8 @@ import numpy as np
 
 from sagekit.backend import Backend
 from sagekit.errors import SagekitError
-from sagekit.eval.perplexity import read_text
 from sagekit.io.checkpoint import Checkpoint
+from sagekit.io.text import read_text
 from sagekit.model.linear import DenseLinear, Linear
 from sagekit.model.llama import Layer, Llama
 from sagekit.model.tokenizer import load_tokenizer

@@ -25,14 +25,14 @@ import numpy as np
 
 from sagekit import __version__
 from sagekit.errors import DiskFullError, SagekitError
+from sagekit.format.layouts import layout_of
+from sagekit.format.stats import MatrixStats
 from sagekit.io.atomic import atomic_folder, check_output_dir
 from sagekit.io.checkpoint import Checkpoint, copy_tokenizer_files
-from sagekit.io.packed import ShardWriter, baseline_layout, quantization_config
+from sagekit.io.packed import ShardWriter, quantization_config
 from sagekit.io.partial import PartialStore, file_fingerprint
 from sagekit.quant.calibration import CalibOptions, LayerwiseCalibration, calibration_windows
-from sagekit.quant.pack import PackedSage
 from sagekit.quant.sage import CurvePoint, MatrixQuantizer, SageKnobs, curve_choice, lambda_for_target
-from sagekit.quant.stats import MatrixStats
 
 LINEAR_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -139,15 +139,14 @@ def _calibrated(names: list[str], opts: CompressOptions, calib: LayerwiseCalibra
                 knobs_of: Callable[[str], dict[str, Any]]) -> Iterator[tuple[dict[str, np.ndarray], MatrixStats]]:
     """The layer-by-layer pass; matrices finished by an interrupted run are reused, not quantised again
     (the pass still runs every layer on their stored weights, without recording Hessians there)."""
+    layout = layout_of(opts.method)
     if opts.method == "sage":
-        layout = PackedSage
 
         def method(w: np.ndarray, h: np.ndarray, name: str) -> tuple[Any, MatrixStats]:
             t0 = time.perf_counter()
             return MatrixQuantizer(w, opts.knobs, matrix_seed(opts.knobs.seed, name), h).quantize(
                 opts.knobs.rate_penalty, name, t0)
     else:
-        layout = baseline_layout(opts.method)
         module = method_module(opts.method)
 
         def method(w: np.ndarray, h: np.ndarray, name: str) -> tuple[Any, MatrixStats]:
@@ -265,8 +264,9 @@ class _Run:
 
     def _solve_bits(self) -> dict[str, int]:
         """Each matrix's bits for the grid recipe's target (kept in the store, so a resume reuses them)."""
+        from sagekit.format.sage_grid import grid_nbytes
         from sagekit.quant.allocation import allocate
-        from sagekit.quant.sage_grid import grid_nbytes, sensitivity
+        from sagekit.quant.sage_grid import sensitivity
 
         state = self.store.state()
         if "bits" not in state:

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from sagekit.format.sage import PackedSage, pack_sage, sage_nbytes
+from sagekit.format.stats import MatrixStats
 from sagekit.quant.dualmode import dual_error, prepare_dual, quantize_dual
 from sagekit.quant.graph import Grouping, group_magnitudes
-from sagekit.quant.pack import PackedSage, pack_sage, sage_nbytes
 from sagekit.quant.saliency import saliency_order, salient_mask
-from sagekit.quant.stats import MatrixStats
 from sagekit.quant.threshold import search_fraction
 
 CURVE_POINTS = 9  # salient fractions sampled per (matrix, G) to solve for the lambda of a bit target

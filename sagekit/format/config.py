@@ -1,4 +1,7 @@
-"""The Llama architecture description, read from an HF config.json and checked before any weight is read."""
+"""The Llama architecture description, read from an HF config.json and checked before any weight is read.
+
+Part of the file format, below io and model: the checkpoint reader validates tensors against it and the
+model is built from it."""
 
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ rebuilt from a 32-bit seed, so the stored matrix pays 4 bytes for its rotation.
 
 Layout: a vector x of length n = a * b is read row-major as an (a, b) matrix X; R x is A X B^T, flattened.
 For a weight W (out, n) used as y = W x, the input-side rotation stores W R^T and the run time feeds R x.
+It lives in format because the stored seed is part of the sage-grid layout: PackedGrid.unpack undoes R, and
+the quantiser (sagekit.quant.sage_grid) applies it.
 """
 
 from __future__ import annotations

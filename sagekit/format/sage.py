@@ -1,4 +1,4 @@
-"""The packed `sage` matrix of docs/FORMAT.md: bit packing, validation, dequantisation and byte accounting.
+"""The packed `sage` matrix of docs/FORMAT.md: packing, validation, dequantisation and byte accounting.
 
 Everything here is vectorised NumPy; it runs once per matrix at compression or load time, never per token.
 """
@@ -9,30 +9,15 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from sagekit.format.bits import n_words, pack_bits, unpack_bits
+from sagekit.format.checks import check_csr, check_padding, check_shape
+
 MAX_GROUPS = 256  # group ids come from a uint8 plane; also bounds what an untrusted file can make us allocate
-
-
-def n_words(in_: int) -> int:
-    return (in_ + 31) // 32
 
 
 def n_id_bits(n_groups: int) -> int:
     """NB = ceil(log2 G): the number of group-id bit planes."""
     return (n_groups - 1).bit_length()
-
-
-def pack_bits(plane: np.ndarray) -> np.ndarray:
-    """bool (out, in) -> uint32 (out, ceil(in/32)); bit b of word k is column 32k+b, padding bits 0."""
-    out, in_ = plane.shape
-    padded = np.zeros((out, n_words(in_) * 32), dtype=bool)
-    padded[:, :in_] = plane
-    return np.packbits(padded, axis=1, bitorder="little").view("<u4").astype(np.uint32, copy=False)
-
-
-def unpack_bits(words: np.ndarray, in_: int) -> np.ndarray:
-    """uint32 (out, words) -> bool (out, in); the inverse of pack_bits."""
-    as_bytes = np.ascontiguousarray(words, dtype="<u4").view(np.uint8)
-    return np.unpackbits(as_bytes, axis=1, count=in_, bitorder="little").view(bool)
 
 
 @dataclass
@@ -69,9 +54,7 @@ class PackedSage:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], shape: tuple[int, int]) -> PackedSage:
         """Build from stored tensors, checking everything a kernel relies on (the file may be hostile)."""
-        out, in_ = (int(d) for d in shape)
-        if out < 1 or in_ < 1:
-            raise ValueError(f"shape: {shape} must be positive")
+        out, in_ = check_shape(shape)
         names = [f.name for f in fields(cls) if f.name != "shape"]
         if missing := [n for n in names if n not in arrays]:
             raise ValueError(f"{missing[0]}: missing")
@@ -107,13 +90,8 @@ class PackedSage:
 
 
 def _check_planes(sign: np.ndarray, gid: np.ndarray, in_: int, n_groups: int) -> None:
-    tail = in_ % 32
-    if tail:
-        pad = np.uint32(~((1 << tail) - 1) & 0xFFFFFFFF)
-        if (sign[:, -1] & pad).any():
-            raise ValueError("sign: padding bits are not 0")
-        if (gid[:, :, -1] & pad).any():
-            raise ValueError("gid: padding bits are not 0")
+    check_padding("sign", sign, in_)
+    check_padding("gid", gid, in_)
     if _ids_at_least(gid, n_groups).any():
         raise ValueError(f"gid: group id >= G = {n_groups}")
 
@@ -132,20 +110,6 @@ def _ids_at_least(gid: np.ndarray, n_groups: int) -> np.ndarray:
             ge |= eq & gid[i]
             eq &= ~gid[i]
     return ge | eq
-
-
-def check_csr(ptr: np.ndarray, idx: np.ndarray, in_: int) -> None:
-    """Per-row sparse positions as every reader relies on them: monotone row pointer, columns in range and
-    strictly ascending within a row (shared by every layout that stores salient positions this way)."""
-    nnz = idx.shape[0]
-    if ptr[0] != 0 or ptr[-1] != nnz or (np.diff(ptr) < 0).any():
-        raise ValueError(f"sal_ptr: must rise monotonically from 0 to nnz = {nnz}")
-    if nnz and int(idx.max()) >= in_:
-        raise ValueError(f"sal_idx: column >= in = {in_}")
-    row_start = np.zeros(nnz, dtype=bool)
-    row_start[ptr[:-1][ptr[:-1] < nnz]] = True
-    if (np.diff(idx.astype(np.int64)) <= 0)[~row_start[1:]].any():
-        raise ValueError("sal_idx: columns not strictly ascending within a row")
 
 
 def _check_salient(ptr: np.ndarray, idx: np.ndarray, val: np.ndarray, in_: int) -> None:
