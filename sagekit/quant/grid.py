@@ -102,14 +102,15 @@ def round_codes(w: np.ndarray, scales: np.ndarray, levels: np.ndarray) -> np.nda
     return nearest(w / scales[:, None], levels)
 
 
-def ldlq(w: np.ndarray, h: np.ndarray, scales: np.ndarray, levels: np.ndarray,
-         block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+def ldlq(w: np.ndarray, h: np.ndarray, scales: np.ndarray, levels: np.ndarray, block: int = BLOCK,
+         u: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 codes, scales) by Hessian-aware rounding: GPTQ's column order with lazy block updates, any grid.
 
     After each rounding pass the row scales are re-solved under H for the codes found, and the codes are
-    rounded again with them (REFIT_ROUNDS passes in all).
+    rounded again with them (REFIT_ROUNDS passes in all). u: H's inverse factor, when the caller has it.
     """
-    u, _ = inverse_hessian_factor(h)
+    if u is None:
+        u, _ = inverse_hessian_factor(h)
     codes = None
     for round_ in range(REFIT_ROUNDS):
         if round_:

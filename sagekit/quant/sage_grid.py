@@ -14,6 +14,7 @@ Each part is a knob of quantize(), so the ablation can take it away: rotate, row
 
 from __future__ import annotations
 
+import hashlib
 import time
 import zlib
 
@@ -23,6 +24,7 @@ from sagekit.format import rotation
 from sagekit.format.sage_grid import MAX_BITS, PackedGrid, pack_grid
 from sagekit.format.stats import MatrixStats, matrix_stats
 from sagekit.quant import grid
+from sagekit.quant.hessian import inverse_hessian_factor
 
 # linears that read the same activation share its rotation, so the run time rotates each input once
 SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
@@ -32,6 +34,23 @@ def rotation_seed(seed: int, name: str) -> int:
     """One rotation per (layer, input): q/k/v share one, gate/up share one."""
     prefix, _, proj = name.rpartition(".")
     return zlib.crc32(f"{seed}:{prefix}:{SHARED_INPUT.get(proj, proj)}".encode())
+
+
+_last_hessian: dict[tuple, tuple[np.ndarray, np.ndarray | None]] = {}
+
+
+def _rotated_hessian(h: np.ndarray, rot: int | None, factor: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(R H R^T, its inverse factor): q/k/v and gate/up share H and R, so the last result is kept for them."""
+    h = np.asarray(h, dtype=np.float64)
+    key = (rot, factor, h.shape, hashlib.blake2b(h.tobytes(), digest_size=16).digest())
+    if key not in _last_hessian:
+        hr = h
+        if rot is not None:
+            r = rotation.matrix(h.shape[0], rot)
+            hr = r @ h @ r.T
+        _last_hessian.clear()
+        _last_hessian[key] = (hr, inverse_hessian_factor(hr)[0] if factor else None)
+    return _last_hessian[key]
 
 
 def quantize(w: np.ndarray, h: np.ndarray | None = None, name: str = "", bits: int = 4, seed: int = 0,
@@ -45,15 +64,12 @@ def quantize(w: np.ndarray, h: np.ndarray | None = None, name: str = "", bits: i
         raise ValueError(f"levels must be lloyd or uniform, not {levels!r}")
     rot = rotation_seed(seed, name) if rotate else None
     wr = np.asarray(w, dtype=np.float64)
-    hr = None if h is None else np.asarray(h, dtype=np.float64)
     if rot is not None:
         wr = rotation.rotate(wr, rot)
-        if hr is not None:
-            r = rotation.matrix(w.shape[1], rot)
-            hr = r @ hr @ r.T
+    hr, u = (None, None) if h is None else _rotated_hessian(h, rot, error_feedback)
     scales, grid_levels = grid.fit(wr, bits, None if hr is None else np.diag(hr).copy(), levels == "lloyd", row_scale)
     if hr is not None and error_feedback:
-        idx, scales = grid.ldlq(wr, hr, scales, grid_levels)
+        idx, scales = grid.ldlq(wr, hr, scales, grid_levels, u=u)
     else:
         idx = grid.round_codes(wr, scales, grid_levels)
     packed = pack_grid(idx, scales, grid_levels, rot)
