@@ -9,30 +9,25 @@ Stored (B = bits, NG = ceil(in / group), W(x) = ceil(x / 32)), all in act-order 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
 from sagekit.format.bits import n_words, unpack_bits
 from sagekit.format.checks import check_arrays, check_finite, check_padding, check_shape
+from sagekit.format.stored import StoredArrays
 
 MAX_IN = 1 << 16  # uint16 perm
 
 
 @dataclass
-class PackedGPTQ:
+class PackedGPTQ(StoredArrays):
     codes: np.ndarray  # uint32 (B, out, W(in))
     scale: np.ndarray  # float16 (out, NG)
     zero: np.ndarray  # uint8 (out, NG)
     perm: np.ndarray  # uint16 (in,)
     shape: tuple[int, int]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in self.arrays().values())
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "shape"}
 
     def unpack(self) -> np.ndarray:
         out, in_ = self.shape

@@ -15,12 +15,19 @@ Stored (nnz salient entries, n_bin = out x in - nnz, W(x) = ceil(x/32)):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
 from sagekit.format.bits import n_words, pack_bits, plus_minus, unpack_bits
-from sagekit.format.checks import check_arrays, check_csr, check_finite, check_padding, check_shape
+from sagekit.format.checks import (
+    check_arrays,
+    check_csr,
+    check_finite,
+    check_padding,
+    check_shape,
+)
+from sagekit.format.stored import StoredArrays
 
 MAX_IDX_IN = 1 << 16  # uint16 column ids
 
@@ -34,7 +41,7 @@ def decode(salient: np.ndarray, qint: np.ndarray, sign: np.ndarray, sal_scale: n
 
 
 @dataclass
-class PackedPBLLM:
+class PackedPBLLM(StoredArrays):
     sign: np.ndarray  # uint32 (W(n_bin),)
     sal_val: np.ndarray  # uint8 (nnz,)
     sal_scale: np.ndarray  # float16 (out,)
@@ -46,13 +53,6 @@ class PackedPBLLM:
     sal_ptr: np.ndarray | None = None  # int32 (out + 1,)
     sal_idx: np.ndarray | None = None  # uint16 (nnz,)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in self.arrays().values())
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name != "shape" and getattr(self, f.name) is not None}
 
     def salient(self) -> np.ndarray:
         """bool (out, in): the salient positions, from whichever store the matrix uses."""

@@ -11,6 +11,7 @@ import numpy as np
 
 from sagekit.format.bits import n_words, pack_bits, unpack_bits
 from sagekit.format.checks import check_csr, check_padding, check_shape
+from sagekit.format.stored import StoredArrays
 
 MAX_GROUPS = 256  # group ids come from a uint8 plane; also bounds what an untrusted file can make us allocate
 
@@ -21,7 +22,7 @@ def n_id_bits(n_groups: int) -> int:
 
 
 @dataclass
-class PackedSage:
+class PackedSage(StoredArrays):
     """One linear weight in the `sage` layout; field names, dtypes and shapes are those of FORMAT.md."""
 
     sign: np.ndarray  # uint32 (out, WORDS)
@@ -41,12 +42,6 @@ class PackedSage:
     def nnz(self) -> int:
         return int(self.sal_idx.shape[0])
 
-    @property
-    def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in self.arrays().values())
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "shape"}
 
     def unpack(self) -> np.ndarray:
         return unpack_sage(self)

@@ -12,19 +12,20 @@ W_hat = (scale[r] * levels[code[r, c]]) R, i.e. y = W_hat x = (scale * levels[co
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
 from sagekit.format import rotation
 from sagekit.format.bits import n_words, pack_bits, unpack_bits
 from sagekit.format.checks import check_arrays, check_finite, check_padding, check_shape
+from sagekit.format.stored import StoredArrays
 
 MAX_BITS = 8
 
 
 @dataclass
-class PackedGrid:
+class PackedGrid(StoredArrays):
     codes: np.ndarray  # uint32 (B, out, W(in))
     scale: np.ndarray  # float16 (out,)
     levels: np.ndarray  # float16 (2^B,)
@@ -35,13 +36,6 @@ class PackedGrid:
     def bits(self) -> int:
         return int(self.codes.shape[0])
 
-    @property
-    def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in self.arrays().values())
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name != "shape" and getattr(self, f.name) is not None}
 
     def indices(self) -> np.ndarray:
         """uint8 (out, in) level index of every weight."""
