@@ -25,7 +25,10 @@ from sagekit.cli.common import (
 )
 from sagekit.errors import SagekitError
 
-DEFAULT_GRID_BITS = 4  # the default compress: see README (quality against size on the demo model)
+# the default compress is data-free: on the demo model 5 bits keep ppl within 1.12x of FP16, 4 bits do not
+# (1.5x; docs/RESULTS.md). With --calib, error feedback makes 3-4 bits usable.
+DEFAULT_GRID_BITS = 5
+GPTQ_BITS = 4
 GRID, PAPER, CALIB, BASE = ("sage grid recipe (default)", "sage paper recipe (--recipe paper)", "calibration",
                              "baselines (--method rtn, q1, billm, pbllm, gptq)")  # --help panels
 GRID_DEFAULTS = {"bits": DEFAULT_GRID_BITS, "rotate": True, "row_scale": True, "levels": "lloyd",
@@ -40,8 +43,9 @@ def compress(
     recipe: str = typer.Option("grid", help="sage: grid (rotation, one FP16 scale per row, 2^bits Lloyd levels "
                                "per matrix; error feedback with --calib) or paper (the paper's binary + salient "
                                "reconstruction, which the knobs below up to --saliency steer).", rich_help_panel=GRID),
-    bits: int = typer.Option(DEFAULT_GRID_BITS, min=1, max=8, help="sage grid: bits per weight of every matrix "
-                             "(with --target-bpw each matrix's bits are solved instead).", rich_help_panel=GRID),
+    bits: Optional[int] = typer.Option(None, min=1, max=8, help=f"Bits per weight of every matrix: sage grid "
+                                       f"[{DEFAULT_GRID_BITS}] (with --target-bpw they are solved per matrix "
+                                       f"instead) and gptq [{GPTQ_BITS}].", rich_help_panel=GRID),
     rotate: bool = typer.Option(True, help="sage grid: rotate each weight's input side (seeded Kronecker "
                                 "rotation) before quantising; --no-rotate is an ablation.", rich_help_panel=GRID),
     row_scale: bool = typer.Option(True, help="sage grid: one FP16 scale per row; --no-row-scale keeps one "
@@ -112,14 +116,16 @@ def compress(
             if paper_only:
                 raise SagekitError(f"--{paper_only[0].replace('_', '-')} applies to --recipe paper (the grid "
                                    "recipe has --bits and --target-bpw)")
-        grid_knobs = {"bits": bits, "rotate": rotate, "row_scale": row_scale, "levels": levels,
+        grid_knobs = {"bits": DEFAULT_GRID_BITS if bits is None else bits, "rotate": rotate, "row_scale": row_scale, "levels": levels,
                       "error_feedback": error_feedback}
-        changed = [k for k, v in grid_knobs.items() if v != GRID_DEFAULTS[k] and not (k == "bits" and method == "gptq")]
+        changed = [k for k, v in grid_knobs.items()
+                   if v != GRID_DEFAULTS[k] and not (k == "bits" and method == "gptq")] + (
+                       ["bits"] if bits is not None and method not in ("sage-grid", "gptq") else [])
         if method != "sage-grid" and changed:
             raise SagekitError(f"--{changed[0].replace('_', '-')} applies to --method sage --recipe grid"
                                + (" and --method gptq" if changed[0] == "bits" else ""))
         baseline_knobs = {"billm": {"damp": damp}, "pbllm": {"fraction": pbllm_fraction, "damp": damp},
-                          "gptq": {"bits": bits, "damp": damp},
+                          "gptq": {"bits": GPTQ_BITS if bits is None else bits, "damp": damp},
                           "sage-grid": {**grid_knobs, "seed": seed}}
         calib_opts = CalibOptions(calib, calib_samples, calib_seqlen, calib_seed) if calib else None
         opts = CompressOptions(knobs=knobs, method=method, target_bpw=target_bpw, skip=skip, workers=workers,
