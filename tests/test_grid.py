@@ -184,3 +184,19 @@ def test_calibrated_grid_beats_data_free_on_its_calibration_text(tiny_src, tmp_p
     dense = load_model(tiny_src, be, 64)
     kl = {k: evaluate(load_model(tmp_path / k, be, 64), ids, 32, reference=dense).kl for k in ("free", "cal")}
     assert kl["cal"] < kl["free"]
+
+
+@pytest.mark.parametrize("args", [[], ["--no-rotate", "--bits", "3"]])
+def test_grid_runtime_matches_dequantise_on_use(tiny_src, tmp_path, args):
+    """GridLinear (FP16 grid against R x) computes what the dequantised weight computes."""
+    _compress(tiny_src, tmp_path / "out", *args)
+    be = get_backend("cpu")
+    fast, ref = load_model(tmp_path / "out", be, 64), load_model(tmp_path / "out", be, 64, kernels=False)
+    assert type(fast.layers[0].q).__name__ == "GridLinear" and type(ref.layers[0].q).__name__ == "DequantLinear"
+    rng = np.random.default_rng(3)
+    for name, lin in fast.linears().items():
+        if name != "lm_head":
+            x = rng.standard_normal((5, lin.in_features)).astype(np.float32)
+            np.testing.assert_allclose(lin(x), ref.linears()[name](x), rtol=2e-3, atol=2e-3)
+    tokens = np.arange(1, 30)
+    np.testing.assert_allclose(fast.forward(tokens), ref.forward(tokens), rtol=1e-2, atol=1e-2)

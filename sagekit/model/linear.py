@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+import numpy as np
+
 
 class Linear(Protocol):
     in_features: int
@@ -49,6 +51,30 @@ class HalfLinear:
     @property
     def nbytes(self) -> int:
         return int(self.weight.nbytes)
+
+
+class GridLinear:
+    """The `sage-grid` layout on the CPU: its stored grid W R^T decoded once to FP16 at load, fed R x.
+
+    y = (s * levels[codes]) (R x): the rotation costs two small matmuls per input, the product runs in the
+    FP16 kernel. It holds 2 bytes per weight, not the packed codes: a stopgap until the layout has packed
+    kernels of its own, and far faster than dequantising every matrix on every call.
+    """
+
+    def __init__(self, packed: Any):
+        from sagekit.format import rotation
+
+        self.half = HalfLinear(packed.rotated().astype(np.float16))
+        self.out_features, self.in_features = packed.shape
+        seed = None if packed.rot is None else int(packed.rot[0])
+        self._rotate = (lambda x: x) if seed is None else (lambda x: rotation.rotate(x, seed))
+
+    def __call__(self, x: Any) -> Any:
+        return self.half(self._rotate(x))
+
+    @property
+    def nbytes(self) -> int:
+        return self.half.nbytes
 
 
 class SageLinear:
