@@ -25,6 +25,7 @@ from sagekit.io.text import read_text
 from sagekit.model.linear import DenseLinear
 from sagekit.model.load import load_model
 from sagekit.model.tokenizer import load_tokenizer
+from sagekit.format.sage_grid import grid_nbytes
 from sagekit.quant import gptq, grid, sage_grid
 from sagekit.quant.allocation import allocate
 from sagekit.quant.calibration import CalibOptions, calibration_windows, record_hessians
@@ -121,7 +122,7 @@ def main() -> None:
         model = load_model(folder, backend, 2048)
         stored = n_weights = 0
         if "target" in r:
-            r["alloc"] = allocate(shapes, sage_grid.grid_nbytes, r["target"] / 100, sage_grid.sensitivity(shapes))
+            r["alloc"] = allocate(shapes, grid_nbytes, r["target"] / 100, sage_grid.sensitivity(shapes))
         for i, layer in enumerate(model.layers):
             for suffix, lin in layer.linears().items():
                 name = f"model.layers.{i}.{suffix}"
