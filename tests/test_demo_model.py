@@ -35,3 +35,15 @@ def test_perplexity_first_8_windows_matches_reference(demo_model, wiki_test):
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["windows"] == 8 and res["tokens"] == 8 * 2047
     assert abs(res["ppl"] - 19.14) / 19.14 < 0.005, res["ppl"]
+
+
+def test_default_compress_still_names_paris(demo_model, tmp_path):
+    """`sagekit compress MODEL out/` with no options keeps the demo model working (issue 13, acceptance 4)."""
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["compress", str(demo_model), str(out), "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "report.json").read_text())["method"] == "sage-grid"
+    r = runner.invoke(app, ["generate", str(out), "--prompt", "The capital of France is", "--max-new-tokens", "4",
+                            "--temperature", "0", "--json", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["text"].startswith(" Paris")
