@@ -82,6 +82,11 @@ def bits_for(name: str, r: dict) -> dict:
 CLASSES = {1: "q_proj", 2: "k_proj", 3: "v_proj", 4: "o_proj", 5: "gate_proj", 6: "up_proj", 7: "down_proj"}
 
 
+def needs_hessian(r: dict) -> bool:
+    """Error feedback and the gptq baseline use the calibration Hessians; the data-free rows do not."""
+    return bool(r.get("ldlq") or r.get("gptq"))
+
+
 def parse(spec: str) -> dict:
     return {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
 
@@ -102,15 +107,15 @@ def main() -> None:
     dense = {n: lin.weight.copy() for n, lin in ref.linears().items() if n != "lm_head"}
     recipes = [parse(s) for s in args.recipe]
     hs = None
-    if any(r.get("ldlq") or r.get("wlloyd") or r.get("gptq") for r in recipes):
+    if any(needs_hessian(r) for r in recipes):
         cache = Path(f"/tmp/sagekit_hess_{args.calib_samples}x{args.calib_seqlen}.npz")
         hs = hessians(ref, folder, args.calib_samples, args.calib_seqlen, cache)
     ids = np.asarray(load_tokenizer(folder).encode(read_text(args.text)).ids, dtype=np.int64)
     wins = windows(ids, 2048, args.windows)
     ref_lp = [log_probs(ref, w).astype(np.float16) for w in wins]
     shapes = {n: w.shape for n, w in dense.items()}
-    other_bytes = 2 * sum(int(np.prod(s)) for s in ckpt_shapes(folder).values()) - 2 * sum(w.size for w in dense.values())
     params = sum(int(np.prod(s)) for s in ckpt_shapes(folder).values())
+    other_bytes = 2 * (params - sum(w.size for w in dense.values()))  # FP16 embedding and norms
     for spec in args.folder:  # packed folders made by `sagekit compress`, scored against the same reference
         report = json.loads((Path(spec) / "report.json").read_text())["totals"]
         model = load_model(spec, backend, 2048)
@@ -130,7 +135,7 @@ def main() -> None:
                     continue  # a sensitivity probe: this class alone is quantised
                 if "onlylayer" in r and i != r["onlylayer"]:
                     continue
-                h = hs[name] if hs is not None and (r.get("ldlq") or r.get("wlloyd") or r.get("gptq")) else None
+                h = hs[name] if needs_hessian(r) else None
                 w = dense[name]
                 if r.get("proxy"):  # data-free Hessian proxy: the norm weight squared on the diagonal
                     h = None
