@@ -20,6 +20,7 @@ from sagekit.model.tokenizer import load_tokenizer
 from sagekit.quant import rtn
 from sagekit.quant.calibration import ATTRS, CalibOptions, LayerwiseCalibration, calibration_windows
 from sagekit.quant.compress import linear_names
+from sagekit.quant.hessian import drift_target
 
 from conftest import tiny_config
 from test_baselines import calibration_text
@@ -75,6 +76,11 @@ class Capture:
 
 def recorded_hessians(model, layer: int, windows: np.ndarray) -> dict[str, np.ndarray]:
     """2/n sum x x^T of every input each linear of `layer` sees while the model runs the windows."""
+    return {suffix: 2.0 / len(x) * x.T @ x for suffix, x in recorded_inputs(model, layer, windows).items()}
+
+
+def recorded_inputs(model, layer: int, windows: np.ndarray) -> dict[str, np.ndarray]:
+    """Every input (rows, in) each linear of `layer` sees while the model runs the windows, in order."""
     inputs = {suffix: [] for suffix in ATTRS.values()}
     L = model.layers[layer]
     originals = {attr: getattr(L, attr) for attr in ATTRS}
@@ -84,11 +90,7 @@ def recorded_hessians(model, layer: int, windows: np.ndarray) -> dict[str, np.nd
         model.forward(w, 0)
     for attr, lin in originals.items():
         setattr(L, attr, lin)
-    out = {}
-    for suffix, xs in inputs.items():
-        x = np.concatenate(xs)
-        out[suffix] = 2.0 / len(x) * x.T @ x
-    return out
+    return {suffix: np.concatenate(xs) for suffix, xs in inputs.items()}
 
 
 def test_layer_hessians_equal_those_of_the_inputs_the_quantised_model_feeds(tiny_src, calib_file):
@@ -121,6 +123,68 @@ def test_layer_hessians_equal_those_of_the_inputs_the_quantised_model_feeds(tiny
     # layer 1 must see the quantised layer 0, not the dense one
     h_dense = reference[1]["mlp.down_proj"]
     assert not np.allclose(seen["model.layers.1.mlp.down_proj"], h_dense, rtol=1e-2, atol=1e-3 * np.abs(h_dense).max())
+
+
+def test_drift_target_solves_the_asymmetric_least_squares_problem():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 12))  # the FP16 model's inputs
+    x_q = x + 0.3 * rng.standard_normal(x.shape)  # what the quantised layers before feed instead
+    w = rng.standard_normal((5, 12))
+    h, cross = 2 / len(x) * x_q.T @ x_q, 2 / len(x) * x.T @ x_q
+    best = np.linalg.lstsq(x_q, x @ w.T, rcond=None)[0].T  # argmin ||x_q Q^T - x W^T||
+    np.testing.assert_allclose(drift_target(w, h, cross, damp=0.0), best, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(best, w, atol=0.05)
+    np.testing.assert_allclose(drift_target(w, h, h), w, rtol=1e-6)  # no drift: the weight itself
+    damped = drift_target(w, h, cross, damp=10.0)  # heavy damping shrinks the correction towards W
+    assert np.linalg.norm(damped - w) < 0.5 * np.linalg.norm(best - w)
+
+
+def test_fp_targets_quantise_towards_the_fp16_models_outputs(tiny_src, calib_file):
+    be = get_backend("cpu")
+    windows = calibration_windows(tiny_src, CalibOptions(calib_file, samples=3, seqlen=32, seed=0))
+    given, packed = {}, {}
+
+    def quantize(name: str, w: np.ndarray, h: np.ndarray):
+        given[name] = w, h
+        packed[name], stats = rtn.quantize(w, None, name)
+        return packed[name], stats
+
+    names, _ = linear_names(2, None)
+    with Checkpoint(tiny_src) as ckpt:
+        list(LayerwiseCalibration(ckpt, be, windows, fp_targets=True).run(
+            set(names), lambda n: ckpt.float32(n + ".weight"), quantize))
+        original = {n: ckpt.float32(n + ".weight") for n in names}
+    for suffix in ATTRS.values():  # layer 0 sees the FP16 inputs: nothing drifted yet
+        name = f"model.layers.0.{suffix}"
+        np.testing.assert_allclose(given[name][0], original[name], rtol=1e-4, atol=1e-6)
+    dense_inputs = recorded_inputs(load_model(tiny_src, be, 32), 1, windows)
+    model = load_model(tiny_src, be, 32)
+    for attr, suffix in ATTRS.items():
+        setattr(model.layers[0], attr, DequantLinear(packed[f"model.layers.0.{suffix}"], be))
+    quant_inputs = recorded_inputs(model, 1, windows)
+    for suffix in ("self_attn.q_proj", "mlp.down_proj"):
+        x, x_q = dense_inputs[suffix], quant_inputs[suffix]
+        h, cross = 2 / len(x) * x_q.T @ x_q, 2 / len(x) * x.T @ x_q
+        w, got_h = given[f"model.layers.1.{suffix}"]
+        np.testing.assert_allclose(got_h, h, rtol=1e-4, atol=1e-5 * np.abs(h).max())
+        expected = drift_target(original[f"model.layers.1.{suffix}"], h, cross)
+        np.testing.assert_allclose(w, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+        assert not np.allclose(w, original[f"model.layers.1.{suffix}"], rtol=1e-3, atol=1e-4)
+
+
+def test_fp_targets_need_calibration_and_are_recorded(tiny_src, calib_file, tmp_path):
+    r = runner.invoke(app, ["compress", str(tiny_src), str(tmp_path / "x"), "--fp-targets", "--bits", "2"])
+    assert r.exit_code != 0 and "--calib" in r.output and not (tmp_path / "x").exists()
+    shards = {}
+    for flag in ("--fp-targets", "--no-fp-targets"):
+        out = tmp_path / flag
+        r = runner.invoke(app, ["compress", str(tiny_src), str(out), "--bits", "2", "--calib", str(calib_file),
+                                "--calib-samples", "2", "--calib-seqlen", "32", flag, "--device", "cpu"])
+        assert r.exit_code == 0, r.output
+        shards[flag] = b"".join(p.read_bytes() for p in sorted(out.glob("*.safetensors")))
+        q = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert q.get("calib_fp_targets", False) is (flag == "--fp-targets")
+    assert shards["--fp-targets"] != shards["--no-fp-targets"]
 
 
 def test_a_resumed_pass_skips_the_hessians_of_stored_layers_only(tiny_src, calib_file):

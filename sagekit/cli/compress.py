@@ -85,6 +85,9 @@ def compress(
                                       rich_help_panel=CALIB),
     calib_seqlen: int = typer.Option(2048, min=2, help="Tokens per calibration window.", rich_help_panel=CALIB),
     calib_seed: int = typer.Option(0, help="Seed of the calibration window offsets.", rich_help_panel=CALIB),
+    fp_targets: bool = typer.Option(False, help="Fit each quantised layer to the FP16 model's outputs, not to "
+                                    "what the quantised layers before it produce (GPTAQ's asymmetric "
+                                    "calibration; a second forward pass per layer).", rich_help_panel=CALIB),
     pbllm_fraction: float = typer.Option(0.1, min=0.0, max=1.0, help="pbllm: fraction of weights kept as 8-bit "
                                          "integers (the rest are binarised).", rich_help_panel=BASE),
     damp: float = typer.Option(0.01, min=0.0, help="billm/pbllm: damping added to the Hessian diagonal, as a "
@@ -127,7 +130,9 @@ def compress(
         baseline_knobs = {"billm": {"damp": damp}, "pbllm": {"fraction": pbllm_fraction, "damp": damp},
                           "gptq": {"bits": GPTQ_BITS if bits is None else bits, "damp": damp},
                           "sage-grid": {**grid_knobs, "seed": seed}}
-        calib_opts = CalibOptions(calib, calib_samples, calib_seqlen, calib_seed) if calib else None
+        if fp_targets and not calib:
+            raise SagekitError("--fp-targets changes how calibration fits each layer: pass --calib FILE too")
+        calib_opts = CalibOptions(calib, calib_samples, calib_seqlen, calib_seed, fp_targets) if calib else None
         opts = CompressOptions(knobs=knobs, method=method, target_bpw=target_bpw, skip=skip, workers=workers,
                                baseline_knobs=baseline_knobs.get(method, {}), calib=calib_opts, device=device)
         with progress() as bar:

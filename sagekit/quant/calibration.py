@@ -26,6 +26,7 @@ from sagekit.io.text import read_text
 from sagekit.model.linear import DenseLinear, Linear
 from sagekit.model.llama import Layer, Llama
 from sagekit.model.tokenizer import load_tokenizer
+from sagekit.quant.hessian import drift_target
 
 # attribute of Layer -> HF suffix, and which linears share one input (hence one Hessian)
 ATTRS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
@@ -41,10 +42,12 @@ class CalibOptions:
     samples: int = 128
     seqlen: int = 2048
     seed: int = 0
+    fp_targets: bool = False  # fit each layer to the FP16 model's outputs (GPTAQ), not to its own inputs
 
     def to_dict(self) -> dict[str, Any]:
-        return {"calib": str(self.path), "calib_samples": self.samples, "calib_seqlen": self.seqlen,
-                "calib_seed": self.seed}
+        out = {"calib": str(self.path), "calib_samples": self.samples, "calib_seqlen": self.seqlen,
+               "calib_seed": self.seed}
+        return {**out, "calib_fp_targets": True} if self.fp_targets else out
 
 
 def calibration_windows(folder: Path, opts: CalibOptions) -> np.ndarray:
@@ -82,6 +85,41 @@ class HessianAccumulator:
         return backend.to_numpy(self.sum * np.float32(2.0 / self.rows)).astype(np.float32)
 
 
+class DriftAccumulator(HessianAccumulator):
+    """Also sums x_fp^T x, the FP16 model's input (row-aligned, from `stash`) against the quantised model's.
+
+    With the Hessian it gives sagekit.quant.hessian.drift_target: cross() = 2/n of the sum, like hessian().
+    """
+
+    def __init__(self, xp: Any, dim: int, stash: dict[str, Any], key: str):
+        super().__init__(xp, dim)
+        self.stash, self.key, self.sum_cross = stash, key, xp.zeros((dim, dim), dtype=xp.float32)
+
+    def add(self, x: Any) -> None:
+        if x is not self.last:
+            self.sum_cross += self.stash[self.key].astype(self.xp.float32).T @ x.astype(self.xp.float32)
+        super().add(x)
+
+    def cross(self, backend: Backend) -> np.ndarray:
+        return backend.to_numpy(self.sum_cross * np.float32(2.0 / self.rows)).astype(np.float32)
+
+
+class StashingLinear:
+    """A Linear that keeps its latest input under its shared-input key (the FP16 pass of fp_targets)."""
+
+    def __init__(self, inner: Linear, stash: dict[str, Any], key: str):
+        self.inner, self.stash, self.key = inner, stash, key
+        self.in_features, self.out_features = inner.in_features, inner.out_features
+
+    def __call__(self, x: Any) -> Any:
+        self.stash[self.key] = x
+        return self.inner(x)
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes
+
+
 class RecordingLinear:
     """A Linear that hands its input to an accumulator, then computes what the wrapped linear computes."""
 
@@ -114,6 +152,30 @@ def record_hessians(model: Llama, i: int, hidden: Any) -> dict[str, np.ndarray]:
     return {ATTRS[attr]: by_key[key] for attr, key in SHARED_INPUT.items()}
 
 
+def record_drift(model: Llama, i: int, hidden: Any, hidden_fp: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(H, C) of each of layer i's linears by HF suffix, and hidden_fp advanced through the (dense) layer.
+
+    Window by window, the layer first runs on the FP16 model's residual stream, keeping each linear's
+    input, then on the quantised model's, accumulating H and the cross term against the kept inputs.
+    """
+    layer, stash = model.layers[i], {}
+    dims = {key: getattr(layer, attr).in_features for attr, key in SHARED_INPUT.items()}
+    accs = {key: DriftAccumulator(model.xp, dim, stash, key) for key, dim in dims.items()}
+    stashing = dataclasses.replace(layer, **{a: StashingLinear(getattr(layer, a), stash, k) for a, k in SHARED_INPUT.items()})
+    recording = dataclasses.replace(layer, **{a: RecordingLinear(getattr(layer, a), accs[k]) for a, k in SHARED_INPUT.items()})
+    try:
+        for j in range(len(hidden)):
+            model.layers[i] = stashing
+            fp_out = model.block(i, hidden_fp[j], 0)
+            model.layers[i] = recording
+            model.block(i, hidden[j], 0)
+            hidden_fp[j] = fp_out
+    finally:
+        model.layers[i] = layer
+    by_key = {key: (acc.hessian(model.backend), acc.cross(model.backend)) for key, acc in accs.items()}
+    return {ATTRS[attr]: by_key[key] for attr, key in SHARED_INPUT.items()}
+
+
 def _dense_layer(ckpt: Checkpoint, i: int, backend: Backend) -> Layer:
     p, xp = f"model.layers.{i}.", backend.xp
     lin = {attr: DenseLinear(backend.asarray(ckpt.float32(p + suffix + ".weight"))) for attr, suffix in ATTRS.items()}
@@ -122,10 +184,14 @@ def _dense_layer(ckpt: Checkpoint, i: int, backend: Backend) -> Layer:
 
 
 class LayerwiseCalibration:
-    """Runs the pass over a dense checkpoint one layer at a time; `forward_seconds` is the time spent in the model."""
+    """Runs the pass over a dense checkpoint one layer at a time; `forward_seconds` is the time spent in the model.
 
-    def __init__(self, ckpt: Checkpoint, backend: Backend, windows: np.ndarray):
-        self.ckpt, self.backend, self.windows = ckpt, backend, windows
+    fp_targets: also carry the FP16 model's residual stream and quantise each linear towards
+    drift_target (GPTAQ's asymmetric calibration); it costs a second forward pass per layer.
+    """
+
+    def __init__(self, ckpt: Checkpoint, backend: Backend, windows: np.ndarray, fp_targets: bool = False):
+        self.ckpt, self.backend, self.windows, self.fp_targets = ckpt, backend, windows, fp_targets
         self.forward_seconds = 0.0
 
     def run(self, names: set[str], read: Callable[[str], np.ndarray], quantize: Quantizer,
@@ -142,22 +208,36 @@ class LayerwiseCalibration:
         model = Llama(cfg, backend, embed, [None] * cfg.n_layers, norm, DenseLinear(embed), self.windows.shape[1])
         t0 = time.perf_counter()
         hidden = xp.stack([model.embed_tokens(w) for w in self.windows])
+        hidden_fp = hidden.copy() if self.fp_targets else None
         self.forward_seconds += time.perf_counter() - t0
         for i in range(cfg.n_layers):
             model.layers[i] = layer = _dense_layer(ckpt, i, backend)
             todo = {f"model.layers.{i}.{suffix}" for suffix in ATTRS.values()} & (names - stored)
-            t0 = time.perf_counter()
-            hessians = record_hessians(model, i, hidden) if todo else {}
-            self.forward_seconds += time.perf_counter() - t0
+            recorded = self._record(model, i, hidden, hidden_fp, bool(todo))
             for attr, suffix in ATTRS.items():
                 name = f"model.layers.{i}.{suffix}"
                 if name in names:
-                    packed, stats = quantize(name, read(name), hessians.get(suffix) if name in todo else None)
+                    w, h = read(name), None
+                    if name in todo:
+                        h, cross = recorded[suffix]
+                        w = w if cross is None else drift_target(w, h, cross)
+                    packed, stats = quantize(name, w, h)
                     setattr(layer, attr, DenseLinear(backend.asarray(packed.unpack())))  # = DequantLinear's weight
                     yield packed, stats
-            del hessians
+            del recorded
             t0 = time.perf_counter()
             for j in range(len(hidden)):
                 hidden[j] = model.block(i, hidden[j], 0)
             self.forward_seconds += time.perf_counter() - t0
             model.layers[i] = None
+
+    def _record(self, model: Llama, i: int, hidden: Any, hidden_fp: Any | None,
+                todo: bool) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        """{suffix: (H, cross term or None)} of layer i; the FP16 stream, when carried, advances even if not todo."""
+        t0 = time.perf_counter()
+        if hidden_fp is not None:
+            out = dict(record_drift(model, i, hidden, hidden_fp))
+        else:
+            out = {s: (h, None) for s, h in record_hessians(model, i, hidden).items()} if todo else {}
+        self.forward_seconds += time.perf_counter() - t0
+        return out

@@ -301,7 +301,8 @@ class _Run:
 
             _init_worker(str(self.src), None)
             self.calib = LayerwiseCalibration(_worker["ckpt"], get_backend(opts.device),
-                                              calibration_windows(self.ckpt.folder, opts.calib))
+                                              calibration_windows(self.ckpt.folder, opts.calib),
+                                              opts.calib.fp_targets)
             results = _calibrated(self.names, opts, self.calib, store, self.knobs_of)
         elif opts.method == "sage":
             results = _map(_quantize, [(n, self.knobs, self.lam, groups[n]) for n in todo], self.src, opts.workers)

@@ -48,6 +48,22 @@ def inverse_hessian_factor(h: np.ndarray, damp: float = 0.01) -> tuple[np.ndarra
     raise ValueError("Hessian is not positive definite even with heavy damping (are the calibration inputs broken?)")
 
 
+def drift_target(w: np.ndarray, h: np.ndarray, cross: np.ndarray, damp: float = 0.01) -> np.ndarray:
+    """The weight to quantise so that the layer-wise fit matches the FP16 model (GPTAQ's asymmetric calibration).
+
+    GPTQ fits ||X~ W_hat^T - X~ W^T|| on the inputs X~ that the already quantised layers produce; the FP16
+    model saw X. Minimising ||X~ W_hat^T - X W^T|| instead is the same problem for the target
+    W + W (C - H) (H + damp * mean(diag H) * I)^-1, with H = 2/n X~^T X~ and C = 2/n X^T X~ (the cross term),
+    so any Hessian-aware rounding of that target under H minimises the asymmetric objective. The damping
+    shrinks the correction, never W: when X~ = X (the first layer) the target is W itself.
+    """
+    h = np.asarray(h, dtype=np.float64)
+    hd = h + damp * float(np.mean(np.diag(h))) * np.eye(len(h))
+    correction = linalg().solve(hd, (np.asarray(cross, dtype=np.float64) - h).T, assume_a="pos").T
+    w = np.asarray(w, dtype=np.float64)
+    return (w + w @ correction).astype(np.float32)
+
+
 def saliency(w: np.ndarray, u: np.ndarray) -> np.ndarray:
     """OBS saliency w^2 / U_jj^2 of every weight: the output error that zeroing it alone would cause."""
     return w.astype(np.float32) ** 2 / np.diag(u)[None, :].astype(np.float32) ** 2
