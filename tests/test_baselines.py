@@ -96,7 +96,7 @@ def test_true_bits_equal_the_stored_bytes(packed_dirs, method):
     assert report["method"] == method and len(report["matrices"]) == len(modules) == 14
     weights = total = 0
     for m in report["matrices"]:
-        assert modules[m["name"]] == {"method": method, "shape": m["shape"]}
+        assert modules[m["name"]] == {"method": method, "layout": method, "shape": m["shape"]}
         nbytes = sum(v for k, v in stored.items() if k.startswith(m["name"] + "."))
         n = m["shape"][0] * m["shape"][1]
         assert m["nbytes"] == nbytes
@@ -251,17 +251,20 @@ def test_corrupt_folder_gives_a_one_line_error(packed_dirs, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--method", "billm"], "needs calibration text"),
     (["--method", "pbllm"], "--calib FILE"),
-    (["--method", "rtn", "--calib", "CALIB"], "--calib applies to billm, pbllm"),
+    (["--method", "rtn", "--calib", "CALIB"], "--calib applies to sage --recipe grid, billm, pbllm, gptq"),
     (["--method", "rtn", "--bits", "3"], "--bits applies to --method sage --recipe grid"),
     (["--recipe", "paper", "--no-rotate"], "--rotate applies"),
     (["--levels", "kmeans"], "--levels must be lloyd or uniform"),
-    (["--recipe", "paper", "--calib", "CALIB"], "--calib applies to billm"),  # the paper recipe is data-free
+    (["--recipe", "paper", "--calib", "CALIB"], "--method sage --recipe paper uses the weights only"),  # the paper recipe is data-free
     (["--method", "q1", "--target-bpw", "1.5"], "sage only"),
     (["--method", "awq"], "unknown method"),
     (["--method", "gptq"], "needs calibration text"),
     (["--recipe", "paper", "--saliency", "hessian"], "needs calibration text"),
-    (["--saliency", "hessian"], "applies to --recipe paper"),
-    (["--rate-penalty", "0.1"], "--rate-penalty applies to --recipe paper"),
+    (["--saliency", "hessian"], "--saliency applies to --method sage --recipe paper, not to --method sage --recipe grid"),
+    (["--rate-penalty", "0.1"], "--rate-penalty applies to --method sage --recipe paper"),
+    (["--method", "rtn", "--seed", "1"], "--seed applies to --method sage --recipe grid, sage --recipe paper"),
+    (["--method", "billm", "--recipe", "grid"], "--recipe applies to --method sage"),
+    (["--method", "gptq", "--pbllm-fraction", "0.2"], "--pbllm-fraction applies to --method pbllm"),
     (["--recipe", "paper", "--bits", "3"], "--bits applies"),
     (["--recipe", "binary"], "--recipe must be grid or paper"),
     (["--target-bpw", "1.01"], "ask for at least"),

@@ -265,7 +265,7 @@ def test_sage_with_hessian_saliency_calibrates_and_differs_from_magnitude(tiny_s
     shards = [b"".join(p.read_bytes() for p in sorted(o.glob("*.safetensors"))) for o in outs]
     assert shards[0] == shards[1] != shards[2]
     q = json.loads((outs[0] / "config.json").read_text())["quantization_config"]
-    assert q["method"] == "sage" and q["knobs"]["saliency"] == "hessian" and q["calib_samples"] == 3
+    assert q["method"] == "sage-paper" and q["knobs"]["saliency"] == "hessian" and q["calib_samples"] == 3
     report = json.loads((outs[0] / "report.json").read_text())
     assert report["calibration"]["forward_seconds"] > 0
     with Checkpoint(outs[0]) as a, Checkpoint(outs[2]) as b:

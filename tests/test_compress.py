@@ -129,7 +129,7 @@ def test_packed_model_equals_dense_model_with_the_same_weights(packed_dir, tmp_p
 
 
 def test_target_bpw_lands_near_the_target(tiny_src, tmp_path):
-    report = compress(tiny_src, tmp_path / "t", CompressOptions(target_bpw=2.5))
+    report = compress(tiny_src, tmp_path / "t", CompressOptions(method="sage-paper", target_bpw=2.5))
     assert report["totals"]["linear_true_bpw"] == pytest.approx(2.5, abs=0.1)
     assert any(m["groups"] > 1 for m in report["matrices"]), "2.5 bits are out of reach without G > 1"
 

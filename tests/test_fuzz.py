@@ -224,7 +224,7 @@ def packed(tmp_path_factory) -> Path:
     """A packed tiny model with G = 8 and salient weights in every matrix, and G = 3 in ODD."""
     src = write_random_checkpoint(tmp_path_factory.mktemp("src") / "m", tiny_config(), seed=11, std=0.05)
     out = tmp_path_factory.mktemp("packed") / "out"
-    compress(src, out, CompressOptions(knobs=SageKnobs(group_select="rate", rate_penalty=0.0, n_sub=64)))
+    compress(src, out, CompressOptions(method="sage-paper", knobs=SageKnobs(group_select="rate", rate_penalty=0.0, n_sub=64)))
     tensors, meta = _shard_tensors(_shard(out))
     odd = random_packed(64, 64, n_groups=3, salient_fraction=0.05, seed=1)  # q_proj of tiny_config is 64x64
     tensors |= {f"{ODD}.{k}": v for k, v in odd.arrays().items()}

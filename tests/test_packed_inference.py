@@ -24,7 +24,7 @@ from conftest import tiny_config
 def test_kernels_match_the_dequantized_reference_on_a_tiny_model(tmp_path, target):
     src = write_random_checkpoint(tmp_path / "m", tiny_config(hidden_size=96, intermediate_size=200), seed=4, std=0.3)
     out = tmp_path / "packed"
-    compress(src, out, CompressOptions(knobs=SageKnobs(rate_penalty=0.01), target_bpw=target))
+    compress(src, out, CompressOptions(method="sage-paper", knobs=SageKnobs(rate_penalty=0.01), target_bpw=target))
     be = get_backend("cpu")
     fast, ref = load_model(out, be, 80), load_model(out, be, 80, kernels=False)
     assert isinstance(fast.layers[0].q, SageLinear) and isinstance(ref.layers[0].q, DequantLinear)
@@ -37,7 +37,7 @@ def test_kernels_match_the_dequantized_reference_on_a_tiny_model(tmp_path, targe
 @pytest.fixture(scope="session")
 def demo_packed(demo_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "sage"
-    compress(demo_model, out, CompressOptions(knobs=SageKnobs(rate_penalty=0.02)))
+    compress(demo_model, out, CompressOptions(method="sage-paper", knobs=SageKnobs(rate_penalty=0.02)))
     return out
 
 

@@ -24,7 +24,7 @@ from test_baselines import calibration_text
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import pareto  # noqa: E402
 
-SWEEP = [("rtn", "-", {}), ("sage", "default", {})]
+SWEEP = [("rtn", "-", {}), ("sage-paper", "default", {})]
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ NO_SCIPY = "import sys; sys.modules['scipy'] = None; from sagekit.cli import app
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("slim")
     dense = write_random_checkpoint(root / "dense", tiny_config(), seed=3)
-    compress(dense, root / "sage", CompressOptions(knobs=SageKnobs(n_sub=64)))
+    compress(dense, root / "sage", CompressOptions(method="sage-paper", knobs=SageKnobs(n_sub=64)))
     compress(dense, root / "rtn", CompressOptions(method="rtn"))
     (root / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
     return {"dense": dense, "sage": root / "sage", "rtn": root / "rtn", "text": root / "text.txt"}

@@ -36,7 +36,8 @@ from sagekit.io.text import read_text
 from sagekit.model.load import load_model
 from sagekit.model.tokenizer import load_tokenizer
 from sagekit.quant.calibration import CalibOptions
-from sagekit.quant.compress import CALIBRATED, CompressOptions, compress
+from sagekit.quant import registry
+from sagekit.quant.compress import CompressOptions, compress
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext2"
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
@@ -50,9 +51,9 @@ SWEEP: list[tuple[str, str, dict[str, Any]]] = [
     ("rtn", "-", {}),
     ("q1", "block 128", {}),
     ("billm", "block 128", {}),
-    ("pbllm", "fraction 0.1", {"baseline_knobs": {"fraction": 0.1}}),
-    ("sage", "default (rate-penalty 0.2)", {}),
-    ("sage", "target-bpw 2.5", {"target_bpw": 2.5}),
+    ("pbllm", "fraction 0.1", {}),
+    ("sage-paper", "default (rate-penalty 0.2)", {}),
+    ("sage-paper", "target-bpw 2.5", {"target_bpw": 2.5}),
 ]
 
 
@@ -97,7 +98,8 @@ def compress_all(src: Path, work: Path, sweep: list[tuple[str, str, dict[str, An
         folder = work / slug(method, label)
         if not (folder / "report.json").exists():
             print(f"{method} {label}: compress", file=sys.stderr, flush=True)
-            opts = CompressOptions(method=method, calib=calib if method in CALIBRATED else None, device=device,
+            needs = registry.get(method).calibration == "required"
+            opts = CompressOptions(method=method, calib=calib if needs else None, device=device,
                                    workers=workers, **fields)
             compress(src, folder, opts)
         reports[slug(method, label)] = json.loads((folder / "report.json").read_text())
@@ -286,7 +288,7 @@ def main() -> None:
     p.add_argument("--calib-seed", type=int, default=0)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None)
-    p.add_argument("--methods", default="rtn,q1,billm,pbllm,sage", help="comma-separated subset of the sweep")
+    p.add_argument("--methods", default="rtn,q1,billm,pbllm,sage-paper", help="comma-separated subset of the sweep")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=1, help="compress() workers (matrices quantised at once)")
     p.add_argument("--eval-jobs", type=int, default=1,

@@ -25,14 +25,12 @@ from sagekit.cli.common import (
 )
 from sagekit.errors import SagekitError
 
-# the default compress is data-free: on the demo model 5 bits keep ppl within 1.12x of FP16, 4 bits do not
-# (1.5x; docs/RESULTS.md). With --calib, error feedback makes 3-4 bits usable.
-DEFAULT_GRID_BITS = 5
-GPTQ_BITS = 4
 GRID, PAPER, CALIB, BASE = ("sage grid recipe (default)", "sage paper recipe (--recipe paper)", "calibration",
                              "baselines (--method rtn, q1, billm, pbllm, gptq)")  # --help panels
-GRID_DEFAULTS = {"bits": DEFAULT_GRID_BITS, "rotate": True, "row_scale": True, "levels": "lloyd",
-                 "error_feedback": True}
+# Method options default to None ("not given"): the method's knobs dataclass (sagekit.quant.registry) holds
+# the defaults, and an option given to a method that has no such knob is a one-line error.
+UNSET = dict(show_default=False)
+
 
 @app.command()
 def compress(
@@ -40,45 +38,56 @@ def compress(
     out_dir: Path = typer.Argument(Path("sagekit-out"), help="Folder to create for the packed model."),
     method: str = typer.Option("sage", help="Quantisation method: sage (SAGE-PTQ), or a baseline: rtn, q1, "
                                "billm, pbllm, gptq (billm, pbllm and gptq need --calib; gptq takes --bits)."),
-    recipe: str = typer.Option("grid", help="sage: grid (rotation, one FP16 scale per row, 2^bits Lloyd levels "
-                               "per matrix; error feedback with --calib) or paper (the paper's binary + salient "
-                               "reconstruction, which the knobs below up to --saliency steer).", rich_help_panel=GRID),
-    bits: Optional[int] = typer.Option(None, min=1, max=8, help=f"Bits per weight of every matrix: sage grid "
-                                       f"[{DEFAULT_GRID_BITS}] (with --target-bpw they are solved per matrix "
-                                       f"instead) and gptq [{GPTQ_BITS}].", rich_help_panel=GRID),
-    rotate: bool = typer.Option(True, help="sage grid: rotate each weight's input side (seeded Kronecker "
-                                "rotation) before quantising; --no-rotate is an ablation.", rich_help_panel=GRID),
-    row_scale: bool = typer.Option(True, help="sage grid: one FP16 scale per row; --no-row-scale keeps one "
-                                   "scale for the whole matrix (an ablation).", rich_help_panel=GRID),
-    levels: str = typer.Option("lloyd", help="sage grid: lloyd (levels fitted to each matrix) or uniform.",
-                               rich_help_panel=GRID),
-    error_feedback: bool = typer.Option(True, help="sage grid with --calib: round codes by LDLQ, pushing each "
-                                        "column's error onto the columns not yet rounded.", rich_help_panel=GRID),
-    salient_bits: int = typer.Option(4, min=2, max=8, help="Bits of each salient weight's correction.",
-                                     rich_help_panel=PAPER),
-    max_salient: float = typer.Option(0.05, min=0.0, max=0.5, help="Largest salient fraction p the "
-                                      "per-matrix threshold search may choose.", rich_help_panel=PAPER),
+    recipe: Optional[str] = typer.Option(None, help="sage: grid [default] (rotation, one FP16 scale per row, "
+                                         "2^bits Lloyd levels per matrix; error feedback with --calib) or paper (the "
+                                         "paper's binary + salient reconstruction, which the knobs of its panel "
+                                         "steer).", rich_help_panel=GRID, **UNSET),
+    bits: Optional[int] = typer.Option(None, min=1, max=8, help="Bits per weight of every matrix: sage grid "
+                                       "[5; with --target-bpw they are solved per matrix instead] and gptq [4].",
+                                       rich_help_panel=GRID, **UNSET),
+    rotate: Optional[bool] = typer.Option(None, "--rotate/--no-rotate", help="sage grid: rotate each weight's input "
+                                          "side (seeded Kronecker rotation) before quantising [on]; --no-rotate is "
+                                          "an ablation.", rich_help_panel=GRID, **UNSET),
+    row_scale: Optional[bool] = typer.Option(None, "--row-scale/--no-row-scale", help="sage grid: one FP16 scale "
+                                             "per row [on]; --no-row-scale keeps one scale for the whole matrix (an "
+                                             "ablation).", rich_help_panel=GRID, **UNSET),
+    levels: Optional[str] = typer.Option(None, help="sage grid: lloyd [default] (levels fitted to each matrix) or "
+                                         "uniform.", rich_help_panel=GRID, **UNSET),
+    error_feedback: Optional[bool] = typer.Option(None, "--error-feedback/--no-error-feedback", help="sage grid "
+                                                  "with --calib: round codes by LDLQ, pushing each column's error "
+                                                  "onto the columns not yet rounded [on].", rich_help_panel=GRID,
+                                                  **UNSET),
+    salient_bits: Optional[int] = typer.Option(None, min=2, max=8, help="Bits of each salient weight's correction "
+                                               "[4].", rich_help_panel=PAPER, **UNSET),
+    max_salient: Optional[float] = typer.Option(None, min=0.0, max=0.5, help="Largest salient fraction p the "
+                                                "per-matrix threshold search may choose [0.05].", rich_help_panel=PAPER,
+                                                **UNSET),
     target_bpw: Optional[float] = typer.Option(None, min=1.0, help="Land the decoder linear layers' TRUE bits "
                                                "per weight here. grid: each matrix's bits are allocated (fractional "
                                                "targets mix bit widths); paper: one rate penalty is solved, and the "
                                                "rate term chooses the group count (1, 2, 4, 8)."),
-    rate_penalty: float = typer.Option(0.2, min=0.0, help="lambda in relative_error + lambda * true_bits, "
-                                       "minimised per matrix (ignored with --target-bpw).", rich_help_panel=PAPER),
-    group_select: str = typer.Option("silhouette", help="How each matrix's group count G is chosen: silhouette "
-                                     "(the paper) or rate (the rate-distortion objective).", rich_help_panel=PAPER),
-    n_sub: int = typer.Option(2048, min=16, help="Unsalient |w| values sampled for the kNN graph.",
-                              rich_help_panel=PAPER),
-    knn: int = typer.Option(10, min=1, help="Neighbours per node in the kNN graph.", rich_help_panel=PAPER),
-    max_groups: int = typer.Option(8, min=1, max=8, help="Largest group count the spectral clustering tries.",
-                                   rich_help_panel=PAPER),
-    seed: int = typer.Option(0, help="Seed of every random choice; the same seed gives byte-identical files."),
-    saliency: str = typer.Option("magnitude", help="sage: how salient weights are ranked: magnitude (the "
-                                 "paper: |w - mean|) or hessian (|w - mean| x the RMS of its input over the "
-                                 "calibration windows; needs --calib, beyond the paper).", rich_help_panel=PAPER),
+    rate_penalty: Optional[float] = typer.Option(None, min=0.0, help="lambda in relative_error + lambda * "
+                                                 "true_bits, minimised per matrix [0.2] (ignored with --target-bpw).",
+                                                 rich_help_panel=PAPER, **UNSET),
+    group_select: Optional[str] = typer.Option(None, help="How each matrix's group count G is chosen: silhouette "
+                                               "[default] (the paper) or rate (the rate-distortion objective).",
+                                               rich_help_panel=PAPER, **UNSET),
+    n_sub: Optional[int] = typer.Option(None, min=16, help="Unsalient |w| values sampled for the kNN graph [2048].",
+                                        rich_help_panel=PAPER, **UNSET),
+    knn: Optional[int] = typer.Option(None, min=1, help="Neighbours per node in the kNN graph [10].",
+                                      rich_help_panel=PAPER, **UNSET),
+    max_groups: Optional[int] = typer.Option(None, min=1, max=8, help="Largest group count the spectral "
+                                             "clustering tries [8].", rich_help_panel=PAPER, **UNSET),
+    seed: Optional[int] = typer.Option(None, help="sage: seed of every random choice [0]; the same seed gives "
+                                       "byte-identical files.", **UNSET),
+    saliency: Optional[str] = typer.Option(None, help="sage paper: how salient weights are ranked: magnitude "
+                                           "[default] (the paper: |w - mean|) or hessian (|w - mean| x the RMS of "
+                                           "its input over the calibration windows; needs --calib, beyond the "
+                                           "paper).", rich_help_panel=PAPER, **UNSET),
     skip: Optional[str] = typer.Option(None, help="Regex of linear names to keep in FP16, "
                                        "e.g. 'layers\\.0\\.|down_proj'."),
     workers: int = typer.Option(1, min=1, help="Processes quantising matrices in parallel (same output bytes)."),
-    calib: Optional[Path] = typer.Option(None, help="Calibration text for billm/pbllm and --saliency hessian (e.g. "
+    calib: Optional[Path] = typer.Option(None, help="Calibration text for the methods that use one (e.g. "
                                          "../shared/data/wikitext2/wiki.valid.tokens); never the evaluation text.",
                                          rich_help_panel=CALIB),
     calib_samples: int = typer.Option(128, min=1, help="Random calibration windows drawn from --calib.",
@@ -88,53 +97,35 @@ def compress(
     fp_targets: bool = typer.Option(False, help="Fit each quantised layer to the FP16 model's outputs, not to "
                                     "what the quantised layers before it produce (GPTAQ's asymmetric "
                                     "calibration; a second forward pass per layer).", rich_help_panel=CALIB),
-    pbllm_fraction: float = typer.Option(0.1, min=0.0, max=1.0, help="pbllm: fraction of weights kept as 8-bit "
-                                         "integers (the rest are binarised).", rich_help_panel=BASE),
-    damp: float = typer.Option(0.01, min=0.0, help="billm/pbllm: damping added to the Hessian diagonal, as a "
-                               "fraction of its mean.", rich_help_panel=BASE),
+    pbllm_fraction: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="pbllm: fraction of weights kept "
+                                                   "as 8-bit integers (the rest are binarised) [0.1].",
+                                                   rich_help_panel=BASE, **UNSET),
+    damp: Optional[float] = typer.Option(None, min=0.0, help="billm/pbllm/gptq: damping added to the Hessian "
+                                         "diagonal, as a fraction of its mean [0.01].", rich_help_panel=BASE, **UNSET),
     device: str = typer.Option("auto", help=DEVICE_HELP + " Used by the calibration passes."),
     force: bool = typer.Option(False, help="Replace OUT_DIR if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json's totals as one JSON object on stdout."),
 ) -> None:
     """Compress the decoder linear layers (SAGE-PTQ or a baseline) into a packed folder (report.json inside)."""
+    from sagekit.quant import registry
     from sagekit.quant.calibration import CalibOptions
     from sagekit.quant.compress import CompressOptions
     from sagekit.quant.compress import compress as run
-    from sagekit.quant.sage import SageKnobs
 
     with _user_errors():
-        if group_select not in ("silhouette", "rate"):
-            raise SagekitError(f"--group-select must be silhouette or rate, not '{group_select}'")
         src = _resolve(model)
-        knobs = SageKnobs(salient_bits=salient_bits, max_salient=max_salient, rate_penalty=rate_penalty,
-                          group_select=group_select, n_sub=n_sub, knn=knn, max_groups=max_groups, seed=seed,
-                          saliency=saliency)
-        if recipe not in ("grid", "paper"):
-            raise SagekitError(f"--recipe must be grid or paper, not '{recipe}'")
-        if levels not in ("lloyd", "uniform"):
-            raise SagekitError(f"--levels must be lloyd or uniform, not '{levels}'")
-        if method == "sage" and recipe == "grid":
-            method = "sage-grid"
-            paper_only = [k for k, v in knobs.to_dict().items() if k != "seed" and v != getattr(SageKnobs(), k)]
-            if paper_only:
-                raise SagekitError(f"--{paper_only[0].replace('_', '-')} applies to --recipe paper (the grid "
-                                   "recipe has --bits and --target-bpw)")
-        grid_knobs = {"bits": DEFAULT_GRID_BITS if bits is None else bits, "rotate": rotate, "row_scale": row_scale, "levels": levels,
-                      "error_feedback": error_feedback}
-        changed = [k for k, v in grid_knobs.items()
-                   if v != GRID_DEFAULTS[k] and not (k == "bits" and method == "gptq")] + (
-                       ["bits"] if bits is not None and method not in ("sage-grid", "gptq") else [])
-        if method != "sage-grid" and changed:
-            raise SagekitError(f"--{changed[0].replace('_', '-')} applies to --method sage --recipe grid"
-                               + (" and --method gptq" if changed[0] == "bits" else ""))
-        baseline_knobs = {"billm": {"damp": damp}, "pbllm": {"fraction": pbllm_fraction, "damp": damp},
-                          "gptq": {"bits": GPTQ_BITS if bits is None else bits, "damp": damp},
-                          "sage-grid": {**grid_knobs, "seed": seed}}
+        given = {"bits": bits, "rotate": rotate, "row_scale": row_scale, "levels": levels,
+                 "error_feedback": error_feedback, "salient_bits": salient_bits, "max_salient": max_salient,
+                 "rate_penalty": rate_penalty, "group_select": group_select, "n_sub": n_sub, "knn": knn,
+                 "max_groups": max_groups, "seed": seed, "saliency": saliency, "pbllm_fraction": pbllm_fraction,
+                 "damp": damp}
+        name = registry.resolve(method, recipe)
+        knobs = registry.get(name).make_knobs({k: v for k, v in given.items() if v is not None})
         if fp_targets and not calib:
             raise SagekitError("--fp-targets changes how calibration fits each layer: pass --calib FILE too")
         calib_opts = CalibOptions(calib, calib_samples, calib_seqlen, calib_seed, fp_targets) if calib else None
-        opts = CompressOptions(knobs=knobs, method=method, target_bpw=target_bpw, skip=skip, workers=workers,
-                               baseline_knobs=baseline_knobs.get(method, {}), calib=calib_opts, device=device)
+        opts = CompressOptions(method=name, knobs=knobs, target_bpw=target_bpw, skip=skip, workers=workers,
+                               calib=calib_opts, device=device)
         with progress() as bar:
             task = None
 
@@ -208,9 +199,11 @@ def demo(
 
     with _user_errors():
         fp16 = demo_model(log=lambda m: err.print(f"[dim]{m}[/]"))
-        packed = out_dir or cache_dir() / f"smollm2-135m-instruct-sage-grid{DEFAULT_GRID_BITS}"
+        from sagekit.quant.sage_grid import DEFAULT_BITS
+
+        packed = out_dir or cache_dir() / f"smollm2-135m-instruct-sage-grid{DEFAULT_BITS}"
         if force or not (packed / "report.json").is_file():
-            opts = CompressOptions(method="sage-grid", baseline_knobs=dict(GRID_DEFAULTS))  # = `sagekit compress`
+            opts = CompressOptions(method="sage-grid")  # = `sagekit compress`
             with progress() as bar:
                 task = bar.add_task("compress", total=None)
                 run_compress(fp16, packed, opts, force=force,

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from sagekit.io.checkpoint import Checkpoint
-from sagekit.io.packed import modules_of
+from sagekit.io.packed import layout_name, modules_of
 
 
 def tensor_group(name: str) -> str:
@@ -28,9 +28,9 @@ def packed_bits(ckpt: Checkpoint) -> dict[str, Any]:
         out, in_ = info["shape"]
         n = out * in_
         nbytes = sum(ckpt.file_of(t).nbytes(t) for t in ckpt.names() if t.startswith(name + "."))
-        row: dict[str, Any] = {"name": name, "method": info["method"], "shape": [out, in_],
-                               "true_bits": 8.0 * nbytes / n, "bytes": nbytes}
-        if info["method"] == "sage":
+        row: dict[str, Any] = {"name": name, "method": info["method"], "layout": layout_name(info),
+                               "shape": [out, in_], "true_bits": 8.0 * nbytes / n, "bytes": nbytes}
+        if row["layout"] == "sage":
             nnz = int(np.prod(ckpt.file_of(name + ".sal_idx").shape(name + ".sal_idx")))
             groups = int(np.prod(ckpt.file_of(name + ".alpha").shape(name + ".alpha")))
             scales = groups + int(np.count_nonzero(ckpt.raw(name + ".sal_scale")))
@@ -39,7 +39,7 @@ def packed_bits(ckpt: Checkpoint) -> dict[str, Any]:
             paper_all, scale_all = paper_all + row["paper_bits"] * n, scale_all + row["paper_scale_bits"] * n
         rows.append(row)
         n_all, bytes_all = n_all + n, bytes_all + nbytes
-    all_sage = all(r["method"] == "sage" for r in rows)
+    all_sage = all(r["layout"] == "sage" for r in rows)
     return {"matrices": rows, "linear_weights": n_all, "linear_bytes": bytes_all,
             "linear_true_bpw": 8.0 * bytes_all / max(n_all, 1),
             "linear_paper_bits": paper_all / max(n_all, 1) if all_sage else None,

@@ -86,18 +86,24 @@ def is_packed(ckpt: Checkpoint, prefix: str) -> bool:
     return ckpt.quantization is not None and prefix in modules_of(ckpt)
 
 
+def layout_name(info: dict[str, Any]) -> str | None:
+    """The stored layout of a module entry; folders written before layouts were named record the method only
+    (the old method names are the layout names)."""
+    return info.get("layout", info.get("method"))
+
+
 def read_packed(ckpt: Checkpoint, prefix: str) -> Any:
     """The validated layout object (sagekit.format) of one packed module; the model decides how to run it."""
     info = modules_of(ckpt)[prefix]
-    method = info.get("method")
+    name = layout_name(info)
     try:
         shape = (int(info["shape"][0]), int(info["shape"][1]))
     except (KeyError, TypeError, ValueError, IndexError):
         raise SagekitError(f"{ckpt.path}: module {prefix} has no valid shape in quantization_config") from None
-    layout = layout_of(method)
+    layout = layout_of(name)
     if layout is None:
-        raise SagekitError(f"{ckpt.path}: module {prefix} uses method '{method}', unknown to this sagekit")
-    if method == "sage":
+        raise SagekitError(f"{ckpt.path}: module {prefix} uses layout '{name}', unknown to this sagekit")
+    if name == "sage":
         fields = SAGE_FIELDS
     else:  # baseline layouts may store optional fields: take every tensor of the module, from_arrays judges them
         fields = tuple(n[len(prefix) + 1:] for n in ckpt.names() if n.startswith(prefix + "."))

@@ -29,6 +29,7 @@ from sagekit.format.billm import BLOCK, PackedBiLLM, decode_block, n_blocks
 from sagekit.format.bits import pack_bits
 from sagekit.format.stats import MatrixStats, matrix_stats
 from sagekit.quant.hessian import compensate, inverse_hessian_factor
+from sagekit.quant.registry import Method
 
 MAX_COLS = 50  # BiLLM's up_lim: at most 49 salient columns per block
 PERCENTILES = np.linspace(0.10, 0.90, 81)
@@ -210,3 +211,11 @@ def quantize(w: np.ndarray, h: np.ndarray | None, name: str = "", max_cols: int 
     s, in_ = int(packed.salient_columns.sum()), w.shape[1]
     return packed, matrix_stats(name, w, w_hat, packed.nbytes, 1.0 + s / in_, 0.0, t0, salient_fraction=s / in_,
                                 groups=3)
+
+
+@dataclass(frozen=True)
+class BiLLMKnobs:
+    damp: float = 0.01  # added to the Hessian diagonal, as a fraction of its mean
+
+
+METHOD = Method(name="billm", layout="billm", knobs=BiLLMKnobs, calibration="required")

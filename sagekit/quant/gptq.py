@@ -12,12 +12,14 @@ Stored as sagekit.format.gptq.PackedGPTQ. True bits = B + 24/group + 16/out (+ p
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 import numpy as np
 
 from sagekit.format.bits import pack_bits
 from sagekit.format.gptq import MAX_IN, PackedGPTQ
 from sagekit.format.stats import MatrixStats, matrix_stats
 from sagekit.quant.hessian import inverse_hessian_factor
+from sagekit.quant.registry import Method
 
 GROUP = 64
 BLOCK = 128
@@ -72,3 +74,12 @@ def quantize(w: np.ndarray, h: np.ndarray | None = None, name: str = "", bits: i
     t0 = time.perf_counter()
     packed, w_hat = fit(w, h, bits, group, damp)
     return packed, matrix_stats(name, w, w_hat, packed.nbytes, float(bits), 16.0 / group, t0)
+
+
+@dataclass(frozen=True)
+class GPTQKnobs:
+    bits: int = 4
+    damp: float = 0.01  # added to the Hessian diagonal, as a fraction of its mean
+
+
+METHOD = Method(name="gptq", layout="gptq", knobs=GPTQKnobs, calibration="required")

@@ -15,6 +15,7 @@ the per-row parameters.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from sagekit.format.bits import pack_bits
 from sagekit.format.pbllm import PackedPBLLM, decode, position_arrays
 from sagekit.format.stats import MatrixStats, matrix_stats
 from sagekit.quant.hessian import compensate, gptq_columns, inverse_hessian_factor, saliency
+from sagekit.quant.registry import Method
 
 BLOCK = 128
 BITS = 8
@@ -90,3 +92,12 @@ def quantize(w: np.ndarray, h: np.ndarray | None, name: str = "", fraction: floa
     packed, w_hat = fit(w, h, fraction, damp, propagate)
     r = packed.sal_val.shape[0] / w.size
     return packed, matrix_stats(name, w, w_hat, packed.nbytes, 1.0 + r * (BITS - 1), 0.0, t0, salient_fraction=r)
+
+
+@dataclass(frozen=True)
+class PBLLMKnobs:
+    fraction: float = field(default=FRACTION, metadata={"option": "pbllm_fraction"})  # kept as 8-bit integers
+    damp: float = 0.01  # added to the Hessian diagonal, as a fraction of its mean
+
+
+METHOD = Method(name="pbllm", layout="pbllm", knobs=PBLLMKnobs, calibration="required")

@@ -15,6 +15,7 @@ import numpy as np
 from sagekit.format.bits import pack_bits
 from sagekit.format.sign_scale import Q1_BLOCK, PackedQ1, q1_blocks
 from sagekit.format.stats import MatrixStats, matrix_stats
+from sagekit.quant.registry import Method, NoKnobs
 
 
 def fit(w: np.ndarray, h: np.ndarray | None = None) -> tuple[PackedQ1, np.ndarray]:
@@ -37,3 +38,6 @@ def quantize(w: np.ndarray, h: np.ndarray | None = None, name: str = "") -> tupl
     packed, w_hat = fit(w, h)
     nb = q1_blocks(w.shape[1])
     return packed, matrix_stats(name, w, w_hat, packed.nbytes, 1.0, 16.0 * nb / w.shape[1], t0, groups=nb)
+
+
+METHOD = Method(name="q1", layout="q1", knobs=NoKnobs)

@@ -13,6 +13,7 @@ import numpy as np
 from sagekit.format.bits import pack_bits
 from sagekit.format.sign_scale import PackedRTN
 from sagekit.format.stats import MatrixStats, matrix_stats
+from sagekit.quant.registry import Method, NoKnobs
 
 
 def fit(w: np.ndarray, h: np.ndarray | None = None) -> tuple[PackedRTN, np.ndarray]:
@@ -28,3 +29,6 @@ def quantize(w: np.ndarray, h: np.ndarray | None = None, name: str = "") -> tupl
     t0 = time.perf_counter()
     packed, w_hat = fit(w, h)
     return packed, matrix_stats(name, w, w_hat, packed.nbytes, 1.0, 16.0 / w.shape[1], t0)
+
+
+METHOD = Method(name="rtn", layout="rtn", knobs=NoKnobs)

@@ -1,4 +1,6 @@
-"""SAGE-PTQ for one weight matrix: saliency -> graph grouping -> adaptive threshold -> dual mode -> pack.
+"""Method `sage-paper`, the `paper` recipe of `sagekit compress --method sage`: SAGE-PTQ as the paper has it.
+
+One weight matrix: saliency -> graph grouping -> adaptive threshold -> dual mode -> pack (layout `sage`).
 
 Group count: the paper lets the silhouette score pick G (`group_select="silhouette"`). Because an honest
 store pays ceil(log2 G) bits per weight for the group id, sagekit also offers `group_select="rate"`: G
@@ -8,7 +10,9 @@ pays for ids it cannot use). `--target-bpw` needs it: p <= p_max alone cannot sp
 
 from __future__ import annotations
 
+import dataclasses
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,6 +20,7 @@ import numpy as np
 
 from sagekit.format.sage import PackedSage, pack_sage, sage_nbytes
 from sagekit.format.stats import MatrixStats
+from sagekit.quant.registry import Method, PlanJob
 from sagekit.quant.dualmode import dual_error, prepare_dual, quantize_dual
 from sagekit.quant.graph import Grouping, group_magnitudes
 from sagekit.quant.saliency import saliency_order, salient_mask
@@ -37,8 +42,24 @@ class SageKnobs:
     seed: int = 0
     saliency: str = "magnitude"  # or "hessian": weighted by the calibration inputs' RMS (needs --calib)
 
+    def __post_init__(self) -> None:
+        if self.group_select not in ("silhouette", "rate"):
+            raise ValueError(f"--group-select must be silhouette or rate, not '{self.group_select}'")
+        if self.saliency not in ("magnitude", "hessian"):
+            raise ValueError(f"--saliency must be magnitude or hessian, not '{self.saliency}'")
+
+    @property
+    def calibration(self) -> str:
+        """The paper recipe is data-free; Hessian saliency needs the calibration inputs."""
+        return "required" if self.saliency == "hessian" else "none"
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def matrix_seed(seed: int, name: str) -> int:
+    """Each matrix draws its randomness from seed + crc32(name): the same bytes in any worker order."""
+    return (seed + zlib.crc32(name.encode())) % (2 ** 32)
 
 
 def true_bits(shape: tuple[int, int], groups: int, p: float) -> float:
@@ -130,3 +151,38 @@ def lambda_for_target(curves: list[tuple[int, list[CurvePoint]]], target_bpw: fl
         mid = float(np.sqrt(lo * hi))
         lo, hi = (mid, hi) if bpw(mid) > target_bpw else (lo, mid)
     return float(np.sqrt(lo * hi))
+
+
+def quantize(w: np.ndarray, h: np.ndarray | None = None, name: str = "", groups: int | None = None,
+             lam: float | None = None, **knobs: Any) -> tuple[PackedSage, MatrixStats]:
+    """One matrix at the knobs' rate penalty (or `lam`, the solved one of a bit target), G pinned by `groups`."""
+    t0 = time.perf_counter()
+    k = SageKnobs(**knobs)
+    q = MatrixQuantizer(w, k, matrix_seed(k.seed, name), h)
+    return q.quantize(k.rate_penalty if lam is None else lam, name, t0, groups)
+
+
+def _curve(w: np.ndarray, name: str, knobs: SageKnobs) -> tuple[int, list[CurvePoint]]:
+    return w.size, MatrixQuantizer(w, knobs, matrix_seed(knobs.seed, name)).curve()
+
+
+def plan(job: PlanJob) -> dict[str, Any]:
+    """--target-bpw: one lambda for the whole model from every matrix's sampled rate curve, and each
+    matrix's G on it; the rate term then picks G too (group_select "rate")."""
+    if job.knobs.saliency == "hessian":
+        raise ValueError("--target-bpw needs every matrix's rate curve before the calibration pass, which "
+                         "--saliency hessian cannot give: use --rate-penalty with it")
+    knobs = dataclasses.replace(job.knobs, group_select="rate")
+    if job.on_start:
+        job.on_start("rate curves", len(job.sizes))
+    curves = []
+    for c in job.map_weights(_curve, [(n, knobs) for n in job.sizes]):
+        curves.append(c)
+        if job.on_step:
+            job.on_step(None)
+    lam = lambda_for_target(curves, job.target_bpw)
+    return {"knobs": {"group_select": "rate"}, "rate_penalty_used": lam,
+            "matrix_knobs": {n: {"lam": lam, "groups": curve_choice(c, lam)[0]} for n, (_, c) in zip(job.sizes, curves)}}
+
+
+METHOD = Method(name="sage-paper", layout="sage", knobs=SageKnobs, plan=plan)

@@ -17,14 +17,40 @@ from __future__ import annotations
 import hashlib
 import time
 import zlib
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from sagekit.format import rotation
-from sagekit.format.sage_grid import MAX_BITS, PackedGrid, pack_grid
+from sagekit.format.sage_grid import MAX_BITS, PackedGrid, grid_nbytes, pack_grid
 from sagekit.format.stats import MatrixStats, matrix_stats
 from sagekit.quant import grid
+from sagekit.quant.allocation import allocate
 from sagekit.quant.hessian import inverse_hessian_factor
+from sagekit.quant.registry import Method, PlanJob
+
+# data-free, 5 bits keep the demo model's ppl within 1.12x of FP16 and 4 bits do not (1.45x; docs/RESULTS.md);
+# with --calib, error feedback makes 3-4 bits usable
+DEFAULT_BITS = 5
+
+
+@dataclass(frozen=True)
+class GridKnobs:
+    """The grid recipe's options; every part but the bits can be switched off for the ablation."""
+
+    bits: int = DEFAULT_BITS
+    rotate: bool = True
+    row_scale: bool = True
+    levels: str = "lloyd"
+    error_feedback: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.levels not in ("lloyd", "uniform"):
+            raise ValueError(f"--levels must be lloyd or uniform, not '{self.levels}'")
+        if not 1 <= self.bits <= MAX_BITS:
+            raise ValueError(f"--bits must be 1 to {MAX_BITS}, not {self.bits}")
 
 # linears that read the same activation share its rotation, so the run time rotates each input once
 SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
@@ -82,3 +108,12 @@ def sensitivity(sizes: dict[str, tuple[int, int]]) -> dict[str, float]:
     """The allocation's weight of each matrix's relative error: 1 each, so the objective counts matrices,
     not weights, and a small matrix's error costs as much as a large one's (small ones are upgraded first)."""
     return dict.fromkeys(sizes, 1.0)
+
+
+def plan(job: PlanJob) -> dict[str, Any]:
+    """--target-bpw: each matrix's bits from the allocation (sagekit.quant.allocation)."""
+    bits = allocate(job.sizes, grid_nbytes, job.target_bpw, sensitivity(job.sizes))
+    return {"matrix_knobs": {n: {"bits": b} for n, b in bits.items()}}
+
+
+METHOD = Method(name="sage-grid", layout="sage-grid", knobs=GridKnobs, calibration="optional", plan=plan)
