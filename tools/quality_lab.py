@@ -53,7 +53,8 @@ def hessians(model, folder: Path, samples: int, seqlen: int, cache: Path) -> dic
 def quantize(w: np.ndarray, h: np.ndarray | None, r: dict, name: str) -> tuple[np.ndarray, int]:
     """(W_hat float32, stored bytes) for one recipe r through sage_grid.quantize, the product's own code.
 
-    Keys: bits, rot (default 1), rowscale (1), lloyd (1), ldlq (error feedback), rounds (LDLQ passes), gptq."""
+    Keys: bits, rot (default 1), rowscale (1), lloyd (1), ldlq (error feedback), rounds (LDLQ passes),
+    order (LDLQ in act-order), gptq."""
     if r.get("gptq"):  # the calibrated peer: plain GPTQ, groups of 64, act-order
         packed, _ = gptq.quantize(w, h, name, r["bits"])
         return packed.unpack(), packed.nbytes
@@ -61,7 +62,7 @@ def quantize(w: np.ndarray, h: np.ndarray | None, r: dict, name: str) -> tuple[n
     packed, _ = sage_grid.quantize(w, h, name, r["bits"], rotate=bool(r.get("rot", 1)),
                                    row_scale=bool(r.get("rowscale", 1)),
                                    levels="lloyd" if r.get("lloyd", 1) else "uniform",
-                                   error_feedback=bool(r.get("ldlq", 0)))
+                                   error_feedback=bool(r.get("ldlq", 0)), act_order=bool(r.get("order", 0)))
     return packed.unpack().astype(np.float32), packed.nbytes
 
 

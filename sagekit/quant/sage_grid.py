@@ -62,26 +62,35 @@ def rotation_seed(seed: int, name: str) -> int:
     return zlib.crc32(f"{seed}:{prefix}:{SHARED_INPUT.get(proj, proj)}".encode())
 
 
-_last_hessian: dict[tuple, tuple[np.ndarray, np.ndarray | None]] = {}
+_last_hessian: dict[tuple, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = {}
 
 
-def _rotated_hessian(h: np.ndarray, rot: int | None, factor: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """(R H R^T, its inverse factor): q/k/v and gate/up share H and R, so the last result is kept for them."""
+def _rotated_hessian(h: np.ndarray, rot: int | None, factor: bool,
+                     act_order: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(R H R^T, the inverse factor of it in LDLQ's column order, that order or None for the natural one).
+
+    q/k/v and gate/up share H and R, so the last result is kept for them. act_order: columns by descending
+    Hessian diagonal, GPTQ's order (the largest-energy inputs are rounded first, while the most columns are
+    left to absorb their error)."""
     h = np.asarray(h, dtype=np.float64)
-    key = (rot, factor, h.shape, hashlib.blake2b(h.tobytes(), digest_size=16).digest())
+    key = (rot, factor, act_order, h.shape, hashlib.blake2b(h.tobytes(), digest_size=16).digest())
     if key not in _last_hessian:
         hr = h
         if rot is not None:
             r = rotation.matrix(h.shape[0], rot)
             hr = r @ h @ r.T
+        perm = np.argsort(-np.diag(hr), kind="stable") if act_order else None
+        u = None
+        if factor:
+            u = inverse_hessian_factor(hr if perm is None else hr[np.ix_(perm, perm)])[0]
         _last_hessian.clear()
-        _last_hessian[key] = (hr, inverse_hessian_factor(hr)[0] if factor else None)
+        _last_hessian[key] = (hr, u, perm)
     return _last_hessian[key]
 
 
 def quantize(w: np.ndarray, h: np.ndarray | None = None, name: str = "", bits: int = 4, seed: int = 0,
              rotate: bool = True, row_scale: bool = True, levels: str = "lloyd",
-             error_feedback: bool = True) -> tuple[PackedGrid, MatrixStats]:
+             error_feedback: bool = True, act_order: bool = False) -> tuple[PackedGrid, MatrixStats]:
     """Rotate, fit scales and levels, round (LDLQ when a Hessian is given and error_feedback), pack."""
     t0 = time.perf_counter()
     if not 1 <= bits <= MAX_BITS:
@@ -92,10 +101,13 @@ def quantize(w: np.ndarray, h: np.ndarray | None = None, name: str = "", bits: i
     wr = np.asarray(w, dtype=np.float64)
     if rot is not None:
         wr = rotation.rotate(wr, rot)
-    hr, u = (None, None) if h is None else _rotated_hessian(h, rot, error_feedback)
+    hr, u, perm = (None, None, None) if h is None else _rotated_hessian(h, rot, error_feedback, act_order)
     scales, grid_levels = grid.fit(wr, bits, None if hr is None else np.diag(hr).copy(), levels == "lloyd", row_scale)
     if hr is not None and error_feedback:
-        idx, scales = grid.ldlq(wr, hr, scales, grid_levels, u=u)
+        order = np.arange(wr.shape[1]) if perm is None else perm
+        codes, scales = grid.ldlq(wr[:, order], hr[np.ix_(order, order)], scales, grid_levels, u=u)
+        idx = np.empty_like(codes)
+        idx[:, order] = codes
     else:
         idx = grid.round_codes(wr, scales, grid_levels)
     packed = pack_grid(idx, scales, grid_levels, rot)
