@@ -161,8 +161,8 @@ class Model:
         if len(prompt_ids) + max_new_tokens > self.context_length:
             raise SagekitError(f"the prompt's {len(prompt_ids)} tokens plus {max_new_tokens} new ones exceed the "
                                f"context of {self.context_length} tokens: shorten the prompt or ask for fewer tokens")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise SagekitError(f"temperature must be >= 0 and top_p in (0, 1], not {temperature} and {top_p}")
+        if temperature < 0 or not 0 <= top_p <= 1:
+            raise SagekitError(f"temperature must be >= 0 and top_p from 0 to 1, not {temperature} and {top_p}")
         if self._active is not None:
             self._active.close()  # one KV cache: an unfinished reply cannot go on once another starts
         seed = secrets.randbits(32) if seed is None else seed

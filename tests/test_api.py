@@ -26,7 +26,7 @@ runner = CliRunner()
 def test_import_sagekit_stays_cheap():
     code = "import sys, sagekit; print(sorted(m for m in ('numpy', 'numba', 'tokenizers', 'sagekit.api') " \
            "if m in sys.modules))"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, check=False, timeout=60)
     assert r.stdout.strip() == "[]", r.stderr
     assert callable(sagekit.load) and callable(sagekit.compress)
 
@@ -118,6 +118,6 @@ def test_compress_is_the_default_command(tiny_model, tmp_path):
 def test_the_readme_one_liner_names_paris(demo_model):
     code = ("import sagekit; m = sagekit.load(); print(m.chat([{'role': 'user', 'content': 'What is the capital of "
             "France?'}], max_new_tokens=20, temperature=0))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=600)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, check=False, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
