@@ -212,3 +212,31 @@ def test_demo_model_answers_through_the_openai_client(demo_model, tmp_path):
     finally:
         p.terminate()
         p.wait(timeout=60)
+
+
+def test_load_test_tool_checks_pass_under_refusals(server):
+    """tools/load_test.py against the live server: with --max-queue 0 most concurrent requests are refused,
+    and every one that is answered must still be whole and the same for the same seeded prompt."""
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "load_test.py"), "--url", server, "--api-key", KEY,
+                        "--clients", "3", "--seconds", "2", "--max-tokens", "4", "--json"],
+                       capture_output=True, text=True, check=False, timeout=300)
+    report = json.loads(r.stdout)
+    assert r.returncode == 0 and report["problems"] == [], report
+    assert report["replies"] >= 1 and report["failed"] == 0
+    assert report["requests"] == report["replies"] + report["refused_429"]
+
+
+def test_load_test_check_finds_crossed_and_cut_streams():
+    sys.path.insert(0, str(ROOT / "tools"))
+    from load_test import Outcome, check
+
+    def reply(prompt, text, rid):
+        return Outcome(prompt=prompt, status=200, text=text, ids={rid}, finish="length", tokens=4, done=True)
+
+    good = [reply(0, "a b", "x1"), reply(0, "a b", "x2"), reply(1, "c d", "x3"), Outcome(prompt=1, status=429)]
+    assert check(good, max_tokens=4) == []
+    crossed = [reply(0, "a b", "x1"), reply(0, "c d", "x2")]
+    assert check(crossed, 4) == ["prompt 0: 2 different replies to the same seeded request"]
+    assert "not one id of its own" in check([reply(0, "a", "x1"), reply(1, "b", "x1")], 4)[0]
+    cut = [Outcome(prompt=0, status=200, text="a", ids={"x1"}, finish=None, tokens=1, done=False)]
+    assert "incomplete" in check(cut, 4)[0]
