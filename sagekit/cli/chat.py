@@ -39,7 +39,7 @@ def chat(
         if m.template is None:
             raise SagekitError(f"{m.path} has no chat template (chat_template in tokenizer_config.json): "
                                "use `sagekit generate` for plain continuation")
-        err.print(f"[dim]{m.name}: context {m.context_length} tokens. Ctrl-C stops a reply; Ctrl-D quits.[/]")
+        err.print(f"[dim]{escape(m.name)}: context {m.context_length} tokens. Ctrl-C stops a reply; Ctrl-D quits.[/]")
         history = [{"role": "system", "content": system}] if system is not None else []
         turn = 0
         while True:

@@ -7,6 +7,7 @@ import ipaddress
 import logging
 
 import typer
+from rich.markup import escape
 
 from sagekit.cli.common import DEVICE_HELP, MODEL_HELP, _resolve, _user_errors, app, err
 from sagekit.errors import SagekitError
@@ -58,8 +59,8 @@ def serve(
         m = load(_resolve(model), device, context_length)
         settings = Settings(model_id=model_name or m.name, api_key=api_key, max_queue=max_queue, max_body=max_body,
                             limits=Limits(max_tokens=max_tokens, context_length=m.context_length))
-        err.print(f"serving {settings.model_id} ({m.path}) on http://{host}:{port}/v1 - context "
-                  f"{m.context_length} tokens, {m.llm.backend.describe()}", highlight=False)
+        err.print(escape(f"serving {settings.model_id} ({m.path}) on http://{host}:{port}/v1 - context "
+                         f"{m.context_length} tokens, {m.llm.backend.describe()}"), highlight=False)
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
         logging.getLogger("sagekit.serve").addHandler(handler)  # beside uvicorn's own lines

@@ -58,4 +58,15 @@ def _add_tokenizer_config(out: Path) -> None:
 
 
 def resolve_model(model: str | None, log=None) -> Path:
-    return Path(model) if model else demo_model(log)
+    """The model path given, or the demo model. A path that cannot be a model is refused here, before a
+    tokenizer or config lookup beside it would blame a file it does not have."""
+    if not model:
+        return demo_model(log)
+    path = Path(model)
+    if not path.exists():
+        raise SagekitError(f"{path} does not exist: give a model folder or a .safetensors file, or no MODEL for "
+                           "the demo model")
+    if not path.is_dir() and path.suffix != ".safetensors":
+        raise SagekitError(f"{path} is not a model: give a model folder (config.json, *.safetensors, "
+                           "tokenizer.json) or a .safetensors file with config.json beside it")
+    return path
