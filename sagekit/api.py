@@ -108,6 +108,7 @@ class Reply(Iterator[str]):
         """Stop generating (no further forward passes); finish_reason becomes "cancelled" if it was running."""
         if self.finish_reason is None:
             self._end("cancelled")
+            self._held = ""
 
     def wait(self) -> Reply:
         """Run to the end; returns self, whose .text is then the whole reply."""
