@@ -33,8 +33,6 @@ from sagekit.model.llama import Llama
 from sagekit.model.tokenizer import StreamDecoder
 
 CACHE_STEP = 512  # tokens: the KV cache grows in these steps
-# `sagekit compress MODEL OUT` with no options (tests/test_api.py holds the two to the same bytes)
-GRID_DEFAULTS = {"bits": 5, "rotate": True, "row_scale": True, "levels": "lloyd", "error_feedback": True}
 
 
 class Reply(Iterator[str]):
@@ -252,38 +250,28 @@ def load(path: str | Path | None = None, device: str = "auto", context_length: i
     return Model(path, llm, tokenizer, load_chat_template(folder), stop_token_ids(folder, config, tokenizer), ctx)
 
 
-def compress(src: str | Path | None, out: str | Path, *, method: str = "sage", recipe: str = "grid",
+def compress(src: str | Path | None, out: str | Path, *, method: str = "sage", recipe: str | None = None,
              target_bpw: float | None = None, calib: str | Path | None = None, calib_samples: int = 128,
-             calib_seqlen: int = 2048, calib_seed: int = 0, skip: str | None = None, workers: int = 1,
-             seed: int = 0, device: str = "auto", force: bool = False, **knobs: Any) -> dict[str, Any]:
+             calib_seqlen: int = 2048, calib_seed: int = 0, fp_targets: bool = False, skip: str | None = None,
+             workers: int = 1, device: str = "auto", force: bool = False, **knobs: Any) -> dict[str, Any]:
     """Compress `src` (None: the demo model) into the packed folder `out`; returns its report (report.json).
 
-    The defaults are `sagekit compress`'s: the grid recipe, data-free, 5 bits. `knobs` are the method's own,
-    as `sagekit compress --help` lists them with underscores: for the grid recipe bits, rotate, row_scale,
-    levels, error_feedback; for recipe="paper" salient_bits, max_salient, rate_penalty, group_select, n_sub,
-    knn, max_groups, saliency; for a baseline method (rtn, q1, billm, pbllm, gptq) its own (damp, fraction, bits).
+    Arguments are `sagekit compress`'s options, with underscores, and so are its defaults: the sage grid
+    recipe, data-free, 5 bits. `knobs` are the method's own (bits, seed, rotate, levels, ... for the grid
+    recipe; salient_bits, rate_penalty, ... for recipe="paper"; damp, pbllm_fraction, bits for the baselines);
+    one the method does not have is a one-line error naming the methods that take it.
     """
     from sagekit.io.demo import resolve_model
+    from sagekit.quant import registry
     from sagekit.quant.calibration import CalibOptions
     from sagekit.quant.compress import CompressOptions
     from sagekit.quant.compress import compress as run
-    from sagekit.quant.sage import SageKnobs
 
-    if recipe not in ("grid", "paper"):
-        raise SagekitError(f"recipe must be grid or paper, not '{recipe}'")
-    sage = SageKnobs(seed=seed)
-    baseline = dict(knobs)
-    if method == "sage" and recipe == "grid":
-        method, baseline = "sage-grid", {**GRID_DEFAULTS, **knobs, "seed": seed}
-        unknown = sorted(set(knobs) - set(GRID_DEFAULTS))
-    elif method == "sage":
-        unknown, baseline = sorted(set(knobs) - set(sage.to_dict())), {}
-        sage = SageKnobs(**{**knobs, "seed": seed}) if not unknown else sage
-    else:
-        unknown = []  # the baseline's quantize names what it does not take
-    if unknown:
-        raise SagekitError(f"compress got unknown knob '{unknown[0]}' for method {method}: see the docstring")
-    opts = CompressOptions(knobs=sage, method=method, target_bpw=target_bpw, skip=skip, workers=workers,
-                           baseline_knobs=baseline, device=device,
-                           calib=CalibOptions(Path(calib), calib_samples, calib_seqlen, calib_seed) if calib else None)
+    name = registry.resolve(method, recipe)
+    if fp_targets and calib is None:
+        raise SagekitError("fp_targets changes how calibration fits each layer: give calib too")
+    opts = CompressOptions(method=name, knobs=registry.get(name).make_knobs(knobs), target_bpw=target_bpw,
+                           skip=skip, workers=workers, device=device,
+                           calib=CalibOptions(Path(calib), calib_samples, calib_seqlen, calib_seed, fp_targets)
+                           if calib is not None else None)
     return run(resolve_model(None if src is None else str(src)), Path(out), opts, force=force)

@@ -110,8 +110,10 @@ def test_compress_is_the_default_command(tiny_model, tmp_path):
     assert json.loads(json.dumps(report)) == json.loads((tmp_path / "api" / "report.json").read_text())
     for f in [tmp_path / "cli" / "config.json", *sorted((tmp_path / "cli").glob("*.safetensors"))]:
         assert (tmp_path / "api" / f.name).read_bytes() == f.read_bytes(), f.name
-    with pytest.raises(SagekitError, match="unknown knob 'bitz'"):
+    with pytest.raises(SagekitError, match="--bitz applies to no method"):
         sagekit.compress(tiny_model, tmp_path / "x", bitz=3)
+    with pytest.raises(SagekitError, match="--salient-bits applies to --method sage --recipe paper"):
+        sagekit.compress(tiny_model, tmp_path / "x", salient_bits=3)
 
 
 @pytest.mark.slow
