@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,23 @@ def tiny_config(**overrides):
 def tiny_model(tmp_path: Path) -> Path:
     """A 2-layer GQA model (4 query heads, 2 KV heads), f32, one shard."""
     return write_random_checkpoint(tmp_path / "tiny", tiny_config(), seed=0)
+
+
+# a chat template in the shape of ChatML, but in plain bytes the tiny byte-level tokenizer can spell
+TINY_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def write_chat_model(folder: Path, **config) -> Path:
+    """A tiny random model with a chat template and no end-of-turn token: every reply runs to its length limit."""
+    write_random_checkpoint(folder, tiny_config(eos_token_id=None, **config), seed=0)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": TINY_TEMPLATE}))
+    return folder
+
+
+@pytest.fixture
+def tiny_chat_model(tmp_path: Path) -> Path:
+    return write_chat_model(tmp_path / "tiny-chat")
 
 
 @pytest.fixture(scope="session")

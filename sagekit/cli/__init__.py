@@ -3,7 +3,7 @@
 Importing the command modules registers their commands on `app`.
 """
 
-from sagekit.cli import compress, run, tools  # noqa: F401
+from sagekit.cli import chat, compress, run, serve, tools  # noqa: F401
 from sagekit.cli.common import app
 
 __all__ = ["app"]

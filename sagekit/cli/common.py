@@ -25,6 +25,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 err = Console(stderr=True)
 out = Console()
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from sagekit import __version__
+
+        print(f"sagekit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")) -> None:
+    """SAGE-PTQ: ~1-bit compression and inference for Llama models, without PyTorch."""
+
 MODEL_HELP = "Model folder (HF layout or a sagekit compressed folder) or a .safetensors file with config.json " \
              "and tokenizer.json beside it. Default: the built-in demo model (SmolLM2-135M-Instruct)."
 DEVICE_HELP = "auto: CUDA when CuPy sees a GPU, else CPU; cpu: NumPy/Numba; cuda: CuPy (fails without a GPU)."

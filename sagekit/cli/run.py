@@ -30,7 +30,10 @@ from sagekit.errors import SagekitError
 @app.command()
 def generate(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue (no chat template is applied)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue; with --chat, the user's message."),
+    chat: bool = typer.Option(False, "--chat", help="Answer the prompt as one chat turn, under the model's chat "
+                              "template; the reply ends at the model's end-of-turn token."),
+    system: Optional[str] = typer.Option(None, help="With --chat: a system message before the prompt."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Tokens to generate at most."),
     temperature: float = typer.Option(0.7, min=0.0, help="Sampling temperature; 0 = greedy (deterministic)."),
     top_p: float = typer.Option(0.95, min=0.0, max=1.0, help="Nucleus sampling: keep the smallest set of tokens "
@@ -39,33 +42,39 @@ def generate(
     device: str = typer.Option("auto", help=DEVICE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (text, tokens, speeds) instead."),
 ) -> None:
-    """Continue a prompt, streaming tokens as they come, then print prefill and decode speed."""
-    from sagekit.model.generate import generate as run
-    from sagekit.model.tokenizer import StreamDecoder
+    """Continue a prompt (or answer it, with --chat), streaming text as it comes, then print the speeds."""
+    from sagekit.api import load
 
     with _user_errors():
-        path = _resolve(model)
-        tok = _tokenizer(path)
-        ids = tok.encode(prompt).ids
-        if not ids:
-            raise SagekitError("the prompt is empty after tokenisation: give some text with --prompt")
-        llm = _model(path, device, len(ids) + max_new_tokens)
-        stream = StreamDecoder(tok)
-        on_token = None if json_out else (lambda t: (sys.stdout.write(stream.push(t)), sys.stdout.flush()))
-        if not json_out:
+        if system is not None and not chat:
+            raise SagekitError("--system applies to --chat")
+        m = load(_resolve(model), device)
+        if chat:
+            messages = [{"role": "system", "content": system}] if system is not None else []
+            reply = m.chat([*messages, {"role": "user", "content": prompt}], max_new_tokens, temperature, top_p,
+                           seed, stream=True)
+        else:
+            reply = m.generate(prompt, max_new_tokens, temperature, top_p, seed, stream=True)
+        if not json_out and not chat:
             sys.stdout.write(prompt)
-        g = run(llm, ids, max_new_tokens, temperature, top_p, seed, stop=llm.config.eos_token_ids, on_token=on_token)
-        stats = {"prefill_tok_s": g.prefill_tok_s, "decode_tok_s": g.decode_tok_s,
-                 "weight_bytes": llm.weight_bytes, "kv_cache_bytes": llm.cache_bytes,
-                 "device": llm.backend.describe()}
+        for piece in reply:
+            if not json_out:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        llm = m.llm
+        decode_tok_s = max(len(reply.tokens) - 1, 0) / max(reply.decode_seconds, 1e-9)
+        prefill_tok_s = reply.prompt_tokens / max(reply.prefill_seconds, 1e-9)
         if json_out:
-            print(json.dumps({"model": str(path), "prompt": prompt, "text": tok.decode(g.tokens), "tokens": g.tokens,
-                              "prompt_tokens": len(ids), **stats}))
+            print(json.dumps({"model": str(m.path), "prompt": prompt, "text": reply.text, "tokens": reply.tokens,
+                              "prompt_tokens": reply.prompt_tokens, "finish_reason": reply.finish_reason,
+                              "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s,
+                              "weight_bytes": llm.weight_bytes, "kv_cache_bytes": llm.cache_bytes,
+                              "device": llm.backend.describe()}))
             return
         sys.stdout.write("\n")
-        err.print(f"[dim]{len(ids)} prompt tokens at {g.prefill_tok_s:.1f} tok/s, {len(g.tokens)} new tokens at "
-                  f"{g.decode_tok_s:.1f} tok/s on {stats['device']}; weights {_fmt_bytes(llm.weight_bytes)}, "
-                  f"KV cache {_fmt_bytes(llm.cache_bytes)}[/]")
+        err.print(f"[dim]{reply.prompt_tokens} prompt tokens at {prefill_tok_s:.1f} tok/s, {len(reply.tokens)} new "
+                  f"tokens at {decode_tok_s:.1f} tok/s on {llm.backend.describe()}; weights "
+                  f"{_fmt_bytes(llm.weight_bytes)}, KV cache {_fmt_bytes(llm.cache_bytes)}[/]")
 
 
 @app.command("eval")

@@ -152,6 +152,7 @@ class Checkpoint:
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
     """Copy every tokenizer file a model folder has, so a derived folder is usable on its own."""
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                 "chat_template.jinja"):
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)

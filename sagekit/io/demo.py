@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
 from sagekit.errors import SagekitError
-from sagekit.io.gguf_import import import_gguf
+from sagekit.io.atomic import write_error
+from sagekit.io.gguf_import import import_gguf, open_gguf, tokenizer_config
 
 DEMO_NAME = "smollm2-135m-instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,8 +40,33 @@ def demo_model(log=None) -> Path:
             log(f"importing the demo model {src.name} into {out} (once)")
         out.parent.mkdir(parents=True, exist_ok=True)
         import_gguf(src, out, force=out.exists())
+    elif not (out / "tokenizer_config.json").is_file():
+        _add_tokenizer_config(out)
     return out
 
 
+def _add_tokenizer_config(out: Path) -> None:
+    """Folders imported before the importer kept the chat template get its tokenizer_config.json added."""
+    text = json.dumps(tokenizer_config(open_gguf(demo_gguf())), indent=2, ensure_ascii=False) + "\n"
+    tmp = out / f".tokenizer_config.json.{os.getpid()}"
+    try:
+        tmp.write_text(text)
+        tmp.replace(out / "tokenizer_config.json")  # atomic: a concurrent reader sees all of it or none
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(e, out / "tokenizer_config.json") from None
+
+
 def resolve_model(model: str | None, log=None) -> Path:
-    return Path(model) if model else demo_model(log)
+    """The model path given, or the demo model. A path that cannot be a model is refused here, before a
+    tokenizer or config lookup beside it would blame a file it does not have."""
+    if not model:
+        return demo_model(log)
+    path = Path(model)
+    if not path.exists():
+        raise SagekitError(f"{path} does not exist: give a model folder or a .safetensors file, or no MODEL for "
+                           "the demo model")
+    if not path.is_dir() and path.suffix != ".safetensors":
+        raise SagekitError(f"{path} is not a model: give a model folder (config.json, *.safetensors, "
+                           "tokenizer.json) or a .safetensors file with config.json beside it")
+    return path

@@ -1,8 +1,9 @@
-"""Turn a Llama GGUF into an HF-style folder (FP16 safetensors, config.json, tokenizer.json).
+"""Turn a Llama GGUF into an HF-style folder (FP16 safetensors, config.json, tokenizer.json, tokenizer_config.json).
 
 Three things undo llama.cpp's conversion: tensors are dequantised with the `gguf` package, the rows of
 q_proj and k_proj are un-permuted (llama.cpp interleaves each head's two RoPE halves), and the byte-level
-BPE tokenizer is rebuilt from the GGUF vocabulary and merges.
+BPE tokenizer is rebuilt from the GGUF vocabulary and merges. The chat template and the special tokens it
+names go to tokenizer_config.json, where HF tools (and sagekit's chat) look for them.
 """
 
 from __future__ import annotations
@@ -74,6 +75,22 @@ def _tokenizer_json(reader: Any) -> dict[str, Any]:
     return json.loads(tok.to_str())
 
 
+def tokenizer_config(reader: Any) -> dict[str, Any]:
+    """tokenizer_config.json's content: the special tokens by text, and the chat template when the GGUF has one."""
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast",
+                           "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False))}
+    for key, name in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"),
+                      ("padding", "pad_token")):
+        i = _field(reader, f"tokenizer.ggml.{key}_token_id")
+        if i is not None and 0 <= int(i) < len(tokens):
+            cfg[name] = tokens[int(i)]
+    template = _field(reader, "tokenizer.chat_template")
+    if template is not None:
+        cfg["chat_template"] = template
+    return cfg
+
+
 def _config(reader: Any, tied: bool) -> dict[str, Any]:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
@@ -100,22 +117,29 @@ def _config(reader: Any, tied: bool) -> dict[str, Any]:
     }
 
 
-def import_gguf(src: str | Path, out_dir: str | Path, force: bool = False) -> Path:
-    """Write the HF-style FP16 folder for a Llama GGUF; the folder appears only once it is complete."""
+def open_gguf(src: Path) -> Any:
+    """A gguf.GGUFReader on `src`, or a one-line error saying why not."""
     try:
         import gguf
     except ImportError:
         raise SagekitError("importing GGUF needs the gguf package: pip install 'sagekit[demo]'") from None
-    src, out_dir = Path(src), Path(out_dir)
     try:
-        reader = gguf.GGUFReader(src)
+        return gguf.GGUFReader(src)
     except FileNotFoundError:
         raise SagekitError(f"{src} does not exist") from None
     except Exception as e:  # gguf raises ValueError/struct errors of many kinds on a bad file
         raise SagekitError(f"{src} is not a readable GGUF file ({e})") from None
+
+
+def import_gguf(src: str | Path, out_dir: str | Path, force: bool = False) -> Path:
+    """Write the HF-style FP16 folder for a Llama GGUF; the folder appears only once it is complete."""
+    src, out_dir = Path(src), Path(out_dir)
+    reader = open_gguf(src)
+    import gguf  # installed: open_gguf has checked
     names = {t.name for t in reader.tensors}
     config = _config(reader, tied="output.weight" not in names)
     tokenizer = _tokenizer_json(reader)
+    tok_config = tokenizer_config(reader)
     n_heads, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
     tensors: dict[str, np.ndarray] = {}
     for t in reader.tensors:
@@ -130,4 +154,5 @@ def import_gguf(src: str | Path, out_dir: str | Path, force: bool = False) -> Pa
         write_safetensors(tmp / "model.safetensors", tensors, metadata={"format": "pt", "source": src.name})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False) + "\n")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
     return out_dir

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -40,28 +40,44 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.
     return int(rng.choice(keep, p=p[keep] / p[keep].sum()))
 
 
-def generate(model: Llama, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, stop: tuple[int, ...] = (), on_token: Callable[[int], None] | None = None,
-             use_cache: bool = True) -> Generation:
-    """New tokens after `prompt`. use_cache=False recomputes the whole sequence each step (a test reference)."""
+def stream_tokens(model: Llama, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
+                  top_p: float = 1.0, seed: int = 0, stop: tuple[int, ...] = (),
+                  use_cache: bool = True) -> Iterator[int]:
+    """New tokens after `prompt`, each yielded as soon as it is sampled (a stop token is yielded, then it ends).
+
+    Lazy: nothing runs until the first token is asked for, and closing the iterator stops the work, so a
+    reader that goes away (a closed stream, Ctrl-C) costs no further forward passes.
+    use_cache=False recomputes the whole sequence each step (a test reference).
+    """
     rng = np.random.default_rng(seed)
     be = model.backend
     ids = list(prompt)
-    t0 = time.perf_counter()
     logits = be.to_numpy(model.forward(np.asarray(ids), 0, last_only=True))[-1]
-    t1 = time.perf_counter()
-    out: list[int] = []
     for step in range(max_new_tokens):
         nxt = sample(logits, temperature, top_p, rng)
-        out.append(nxt)
-        if on_token:
-            on_token(nxt)
+        yield nxt
         if nxt in stop or step == max_new_tokens - 1:
-            break
+            return
         ids.append(nxt)
         if use_cache:
             logits = be.to_numpy(model.forward(np.asarray([nxt]), len(ids) - 1, last_only=True))[-1]
         else:
             logits = be.to_numpy(model.forward(np.asarray(ids), 0, last_only=True))[-1]
+
+
+def generate(model: Llama, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0, stop: tuple[int, ...] = (), on_token: Callable[[int], None] | None = None,
+             use_cache: bool = True) -> Generation:
+    """All new tokens after `prompt` at once, timed: the prefill ends when the first token is sampled."""
+    t0 = time.perf_counter()
+    t1 = None
+    out: list[int] = []
+    for nxt in stream_tokens(model, prompt, max_new_tokens, temperature, top_p, seed, stop, use_cache):
+        if t1 is None:
+            t1 = time.perf_counter()
+        out.append(nxt)
+        if on_token:
+            on_token(nxt)
     t2 = time.perf_counter()
+    t1 = t2 if t1 is None else t1
     return Generation(tokens=out, prefill_tokens=len(prompt), prefill_seconds=t1 - t0, decode_seconds=t2 - t1)
