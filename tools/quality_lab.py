@@ -26,7 +26,7 @@ from sagekit.model.linear import DenseLinear
 from sagekit.model.load import load_model
 from sagekit.model.tokenizer import load_tokenizer
 from sagekit.format.sage_grid import grid_nbytes
-from sagekit.quant import gptq, grid, sage_grid
+from sagekit.quant import gptq, grid, sage_grid, sage_vq
 from sagekit.quant.allocation import allocate
 from sagekit.quant.calibration import CalibOptions, calibration_windows, record_hessians
 
@@ -54,11 +54,15 @@ def quantize(w: np.ndarray, h: np.ndarray | None, r: dict, name: str) -> tuple[n
     """(W_hat float32, stored bytes) for one recipe r through sage_grid.quantize, the product's own code.
 
     Keys: bits, rot (default 1), rowscale (1), lloyd (1), ldlq (error feedback), rounds (LDLQ passes),
-    order (LDLQ in act-order), gptq."""
+    order (LDLQ in act-order), vq (codebook runs of that many weights instead of scalar levels), gptq."""
     if r.get("gptq"):  # the calibrated peer: plain GPTQ, groups of 64, act-order
         packed, _ = gptq.quantize(w, h, name, r["bits"])
         return packed.unpack(), packed.nbytes
     grid.REFIT_ROUNDS = r.get("rounds", DEFAULT_ROUNDS)
+    if r.get("vq"):  # a 256-entry codebook for runs of vq weights (8 / vq bits per weight)
+        packed, _ = sage_vq.quantize(w, h, name, dim=r["vq"], rotate=bool(r.get("rot", 1)),
+                                     error_feedback=bool(r.get("ldlq", 0)))
+        return packed.unpack().astype(np.float32), packed.nbytes
     packed, _ = sage_grid.quantize(w, h, name, r["bits"], rotate=bool(r.get("rot", 1)),
                                    row_scale=bool(r.get("rowscale", 1)),
                                    levels="lloyd" if r.get("lloyd", 1) else "uniform",

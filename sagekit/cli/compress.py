@@ -39,9 +39,12 @@ def compress(
     method: str = typer.Option("sage", help="Quantisation method: sage (SAGE-PTQ), or a baseline: rtn, q1, "
                                "billm, pbllm, gptq (billm, pbllm and gptq need --calib; gptq takes --bits)."),
     recipe: Optional[str] = typer.Option(None, help="sage: grid [default] (rotation, one FP16 scale per row, "
-                                         "2^bits Lloyd levels per matrix; error feedback with --calib) or paper (the "
-                                         "paper's binary + salient reconstruction, which the knobs of its panel "
-                                         "steer).", rich_help_panel=GRID, **UNSET),
+                                         "2^bits Lloyd levels per matrix; error feedback with --calib), vq (the "
+                                         "same with a 256-entry codebook per matrix for runs of --dim weights) or "
+                                         "paper (the paper's binary + salient reconstruction, which the knobs of "
+                                         "its panel steer).", rich_help_panel=GRID, **UNSET),
+    dim: Optional[int] = typer.Option(None, help="sage vq: weights per one-byte codeword, 2, 3, 4, 6 or 8 "
+                                      "[4 = 2 bits per weight].", rich_help_panel=GRID, **UNSET),
     bits: Optional[int] = typer.Option(None, min=1, max=8, help="Bits per weight of every matrix: sage grid "
                                        "[5; with --target-bpw they are solved per matrix instead] and gptq [4].",
                                        rich_help_panel=GRID, **UNSET),
@@ -114,7 +117,7 @@ def compress(
 
     with _user_errors():
         src = _resolve(model)
-        given = {"bits": bits, "rotate": rotate, "row_scale": row_scale, "levels": levels,
+        given = {"bits": bits, "dim": dim, "rotate": rotate, "row_scale": row_scale, "levels": levels,
                  "error_feedback": error_feedback, "salient_bits": salient_bits, "max_salient": max_salient,
                  "rate_penalty": rate_penalty, "group_select": group_select, "n_sub": n_sub, "knn": knn,
                  "max_groups": max_groups, "seed": seed, "saliency": saliency, "pbllm_fraction": pbllm_fraction,

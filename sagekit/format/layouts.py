@@ -13,11 +13,12 @@ from sagekit.format.gptq import PackedGPTQ
 from sagekit.format.pbllm import PackedPBLLM
 from sagekit.format.sage import PackedSage
 from sagekit.format.sage_grid import PackedGrid
+from sagekit.format.sage_vq import PackedVQ
 from sagekit.format.sign_scale import PackedQ1, PackedRTN
 
 LAYOUTS: dict[str, Any] = {"sage": PackedSage, "rtn": PackedRTN, "q1": PackedQ1, "billm": PackedBiLLM,
                            "pbllm": PackedPBLLM, "gptq": PackedGPTQ,
-                           "sage-grid": PackedGrid}
+                           "sage-grid": PackedGrid, "sage-vq": PackedVQ}
 
 
 def layout_of(method: str) -> Any:

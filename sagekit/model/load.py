@@ -9,6 +9,7 @@ import numpy as np
 from sagekit.backend import Backend
 from sagekit.format.sage import PackedSage
 from sagekit.format.sage_grid import PackedGrid
+from sagekit.format.sage_vq import PackedVQ
 from sagekit.io import packed
 from sagekit.io.checkpoint import Checkpoint
 from sagekit.model.linear import DenseLinear, DequantLinear, GridLinear, HalfLinear, Linear, SageLinear
@@ -17,12 +18,12 @@ from sagekit.model.llama import Layer, Llama
 
 def _linear(ckpt: Checkpoint, prefix: str, backend: Backend, kernels: bool) -> Linear:
     """kernels=False dequantises packed weights on use instead of running the kernels (the reference path);
-    `sage` has packed kernels, `sage-grid` an FP16 runtime on the CPU, the other layouts always dequantise."""
+    `sage` has packed kernels, `sage-grid` and `sage-vq` an FP16 runtime on the CPU, the other layouts always dequantise."""
     if packed.is_packed(ckpt, prefix):
         layout = packed.read_packed(ckpt, prefix)
         if kernels and isinstance(layout, PackedSage):
             return SageLinear(layout, backend)
-        if kernels and isinstance(layout, PackedGrid) and not backend.is_gpu:
+        if kernels and isinstance(layout, (PackedGrid, PackedVQ)) and not backend.is_gpu:
             return GridLinear(layout)
         return DequantLinear(layout, backend)
     return DenseLinear(backend.asarray(ckpt.float32(prefix + ".weight")))

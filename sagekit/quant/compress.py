@@ -76,7 +76,10 @@ def check_options(opts: CompressOptions) -> tuple[registry.Method, Any]:
 
 def _quantize_one(w: np.ndarray, name: str, args: tuple[str, dict[str, Any]]) -> tuple[dict[str, np.ndarray], MatrixStats]:
     method, knobs = args
-    packed, stats = registry.get(method).module().quantize(w, None, name, **knobs)
+    try:
+        packed, stats = registry.get(method).module().quantize(w, None, name, **knobs)
+    except ValueError as e:  # a knob this matrix cannot take (e.g. a --dim that does not divide its width)
+        raise SagekitError(f"{name}: {method} failed ({e})") from None
     return packed.arrays(), stats
 
 

@@ -135,7 +135,11 @@ def _ldlq_pass(w: np.ndarray, u: np.ndarray, scales: np.ndarray, levels: np.ndar
 
 def hessian_scales(w: np.ndarray, h: np.ndarray, levels: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """Per-row scales minimising (w_r - s_r q_r) H (w_r - s_r q_r)^T for fixed codes (q = levels[codes])."""
-    q = levels[codes]
+    return hessian_row_scales(w, h, levels[codes])
+
+
+def hessian_row_scales(w: np.ndarray, h: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """FP16 per-row scales minimising (w_r - s_r q_r) H (w_r - s_r q_r)^T for fixed unit rows q (out, in)."""
     qh = q @ h
     den = np.sum(qh * q, axis=1)
     return _half(np.where(den > 0, np.sum(qh * w, axis=1) / np.maximum(den, 1e-300), 0.0))

@@ -21,6 +21,7 @@ from sagekit.errors import SagekitError
 MODULES = {
     "sage-grid": "sagekit.quant.sage_grid",
     "sage-paper": "sagekit.quant.sage",
+    "sage-vq": "sagekit.quant.sage_vq",
     "rtn": "sagekit.quant.rtn",
     "q1": "sagekit.quant.q1",
     "billm": "sagekit.quant.billm",

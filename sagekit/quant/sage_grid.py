@@ -65,7 +65,7 @@ def rotation_seed(seed: int, name: str) -> int:
 _last_hessian: dict[tuple, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = {}
 
 
-def _rotated_hessian(h: np.ndarray, rot: int | None, factor: bool,
+def rotated_hessian(h: np.ndarray, rot: int | None, factor: bool,
                      act_order: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """(R H R^T, the inverse factor of it in LDLQ's column order, that order or None for the natural one).
 
@@ -101,7 +101,7 @@ def quantize(w: np.ndarray, h: np.ndarray | None = None, name: str = "", bits: i
     wr = np.asarray(w, dtype=np.float64)
     if rot is not None:
         wr = rotation.rotate(wr, rot)
-    hr, u, perm = (None, None, None) if h is None else _rotated_hessian(h, rot, error_feedback, act_order)
+    hr, u, perm = (None, None, None) if h is None else rotated_hessian(h, rot, error_feedback, act_order)
     scales, grid_levels = grid.fit(wr, bits, None if hr is None else np.diag(hr).copy(), levels == "lloyd", row_scale)
     if hr is not None and error_feedback:
         order = np.arange(wr.shape[1]) if perm is None else perm
