@@ -14,7 +14,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     NUMBA_CACHE_DIR=/tmp/numba-cache
 
-# runtime + serve extras only: no compiler, no test or demo packages (all dependencies ship as wheels)
+# runtime + serve extras only: no compiler, no test or demo packages, no SciPy (the image serves; it does not
+# compress); every dependency ships as a wheel
 COPY pyproject.toml README.md LICENSE /src/
 COPY sagekit /src/sagekit
 RUN pip install "/src[serve]" && rm -rf /src

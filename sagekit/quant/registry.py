@@ -4,6 +4,8 @@ A method is a module (MODULES gives its import path) that declares METHOD (a Met
 quantize(w, h, name, **knobs) -> (layout object of sagekit.format, MatrixStats). Modules are imported on
 first use, so that listing the methods (for --help) costs nothing. Adding a method is its module plus one
 line of MODULES; a new stored layout is a file in sagekit.format plus one line of sagekit.format.layouts.
+Quantising needs SciPy, which the runtime install leaves to the `compress` extra: get() is where every
+compression (CLI, API, demo) first reaches a method, so it refuses there, in one line, before any work.
 
 Names are `family-recipe` where a family has several recipes (`sage-grid`, `sage-paper`): the CLI's
 `--method sage --recipe paper` picks `sage-paper`, and a family's first line is its default recipe.
@@ -29,6 +31,7 @@ MODULES = {
     "gptq": "sagekit.quant.gptq",
 }
 OLD_NAMES = {"sage": "sage-paper"}  # what folders written before the registry record
+SCIPY_MISSING = "compressing needs SciPy, which this install lacks: pip install 'sagekit[compress]'"
 
 # plan(job) -> state: the per-matrix knobs that land a --target-bpw (see Method.plan)
 Plan = Callable[["PlanJob"], dict[str, Any]]
@@ -99,6 +102,10 @@ def get(name: str) -> Method:
     name = OLD_NAMES.get(name, name)
     if name not in MODULES:
         raise SagekitError(f"unknown method '{name}': use {', '.join(cli_labels())}")
+    try:
+        import scipy  # noqa: F401  (here, not where a method first uses it: that can be minutes into a run)
+    except ImportError:
+        raise SagekitError(SCIPY_MISSING) from None
     return importlib.import_module(MODULES[name]).METHOD
 
 
