@@ -99,7 +99,9 @@ def compress(
     calib_seed: int = typer.Option(0, help="Seed of the calibration window offsets.", rich_help_panel=CALIB),
     fp_targets: bool = typer.Option(False, help="Fit each quantised layer to the FP16 model's outputs, not to "
                                     "what the quantised layers before it produce (GPTAQ's asymmetric "
-                                    "calibration; a second forward pass per layer).", rich_help_panel=CALIB),
+                                    "calibration; a second forward pass per layer). Experimental: on the demo "
+                                    "model at 2 bits it made perplexity 7x worse (docs/RESULTS.md).",
+                                    rich_help_panel=CALIB),
     pbllm_fraction: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="pbllm: fraction of weights kept "
                                                    "as 8-bit integers (the rest are binarised) [0.1].",
                                                    rich_help_panel=BASE, **UNSET),
