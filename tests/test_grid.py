@@ -200,3 +200,19 @@ def test_grid_runtime_matches_dequantise_on_use(tiny_src, tmp_path, args):
             np.testing.assert_allclose(lin(x), ref.linears()[name](x), rtol=2e-3, atol=2e-3)
     tokens = np.arange(1, 30)
     np.testing.assert_allclose(fast.forward(tokens), ref.forward(tokens), rtol=1e-2, atol=1e-2)
+
+
+def test_act_order_keeps_each_code_in_its_column():
+    """With a diagonal Hessian LDLQ is plain rounding in any order, so act-order must give the same codes:
+    a permutation not undone would scramble them. With correlated inputs the order changes the rounding."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((32, 96))
+    h = np.diag(rng.uniform(0.1, 3.0, 96))
+    ordered, _ = sage_grid.quantize(w, h, "x.o_proj", bits=2, rotate=False, act_order=True)
+    natural, _ = sage_grid.quantize(w, h, "x.o_proj", bits=2, rotate=False, act_order=False)
+    np.testing.assert_array_equal(ordered.codes, natural.codes)
+    x = correlated_inputs(2048, 96, seed=5).astype(np.float64)
+    h = hessian(x)
+    ordered, _ = sage_grid.quantize(w, h, "x.o_proj", bits=2, act_order=True)
+    natural, _ = sage_grid.quantize(w, h, "x.o_proj", bits=2, act_order=False)
+    assert not np.array_equal(ordered.codes, natural.codes)

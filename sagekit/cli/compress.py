@@ -60,6 +60,9 @@ def compress(
                                                   "with --calib: round codes by LDLQ, pushing each column's error "
                                                   "onto the columns not yet rounded [on].", rich_help_panel=GRID,
                                                   **UNSET),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="sage grid with --calib: "
+                                             "LDLQ rounds the columns in descending order of the Hessian's "
+                                             "diagonal (GPTQ's act-order) [on].", rich_help_panel=GRID, **UNSET),
     salient_bits: Optional[int] = typer.Option(None, min=2, max=8, help="Bits of each salient weight's correction "
                                                "[4].", rich_help_panel=PAPER, **UNSET),
     max_salient: Optional[float] = typer.Option(None, min=0.0, max=0.5, help="Largest salient fraction p the "
@@ -120,7 +123,7 @@ def compress(
     with _user_errors():
         src = _resolve(model)
         given = {"bits": bits, "dim": dim, "rotate": rotate, "row_scale": row_scale, "levels": levels,
-                 "error_feedback": error_feedback, "salient_bits": salient_bits, "max_salient": max_salient,
+                 "error_feedback": error_feedback, "act_order": act_order, "salient_bits": salient_bits, "max_salient": max_salient,
                  "rate_penalty": rate_penalty, "group_select": group_select, "n_sub": n_sub, "knn": knn,
                  "max_groups": max_groups, "seed": seed, "saliency": saliency, "pbllm_fraction": pbllm_fraction,
                  "damp": damp}

@@ -44,6 +44,7 @@ class GridKnobs:
     row_scale: bool = True
     levels: str = "lloyd"
     error_feedback: bool = True
+    act_order: bool = True  # measured: 2 bits, wiki.valid, 4 windows: KL 1.064 -> 0.994 (ppl 41.5 -> 37.2)
     seed: int = 0
 
     def __post_init__(self) -> None:
