@@ -103,7 +103,7 @@ def _config(m: Path, **changes: object) -> None:
     (_inf, "up_proj.weight' holds NaN or Inf"),
     (_int32, "q_proj.weight' is I32; weights must be F32, F16 or BF16"),
     (lambda m: _config(m, intermediate_size=128), "do not belong together"),
-    (lambda m: _config(m, model_type="mistral"), "unsupported architecture: model_type 'mistral'"),
+    (lambda m: _config(m, model_type="qwen2"), "unsupported architecture: model_type 'qwen2'"),
 ])
 def test_compress_refuses_bad_input_and_writes_nothing(src, tmp_path, damage, words):
     damage(src)
