@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from sagekit.backend import get_backend
 from sagekit.cli import app
 from sagekit.errors import SagekitError
+from sagekit.format.architecture import LLAMA_LAYER
 from sagekit.format.config import LlamaConfig
 from sagekit.io.checkpoint import Checkpoint
 from sagekit.io.synthetic import write_random_checkpoint
@@ -19,7 +20,7 @@ from sagekit.model.linear import DequantLinear
 from sagekit.model.load import load_model
 from sagekit.model.tokenizer import load_tokenizer
 from sagekit.quant import rtn
-from sagekit.quant.calibration import ATTRS, CalibOptions, LayerwiseCalibration, calibration_windows
+from sagekit.quant.calibration import CalibOptions, LayerwiseCalibration, calibration_windows
 from sagekit.quant.compress import linear_names
 from sagekit.quant.hessian import drift_target
 
@@ -27,6 +28,7 @@ from conftest import tiny_config
 from test_baselines import calibration_text
 
 runner = CliRunner()
+ATTRS = {t.attr: t.suffix for t in LLAMA_LAYER.linears}  # attribute of a Layer -> HF suffix
 
 
 @pytest.fixture(scope="module")
