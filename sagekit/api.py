@@ -230,8 +230,8 @@ def load(path: str | Path | None = None, device: str = "auto", context_length: i
     """A model ready to talk to: an HF folder, a .safetensors file or a sagekit compressed folder.
 
     path=None is the built-in demo model (SmolLM2-135M-Instruct). device: auto (CUDA when CuPy sees a
-    GPU), cpu or cuda. context_length (default: the model's own) caps prompt plus reply; the KV cache grows
-    to what replies use.
+    GPU), cpu or cuda. context_length (default: the model's own, or its sliding window when that is shorter)
+    caps prompt plus reply; the KV cache grows to what replies use.
     """
     from sagekit.backend import get_backend
     from sagekit.format.config import LlamaConfig
@@ -243,7 +243,8 @@ def load(path: str | Path | None = None, device: str = "auto", context_length: i
     folder = path if path.is_dir() else path.parent
     tokenizer = load_tokenizer(folder)
     config = LlamaConfig.load(folder / "config.json")
-    ctx = context_length or config.max_seq_len
+    ctx = context_length or min(config.max_seq_len, config.sliding_window or config.max_seq_len)
+    config.check_context(ctx)
     if not 1 < ctx <= config.max_seq_len:
         raise SagekitError(f"context_length must be from 2 to the model's {config.max_seq_len}, not {ctx}")
     llm = load_model(path, get_backend(device), min(ctx, CACHE_STEP))

@@ -104,7 +104,7 @@ def _config(m: Path, **changes: object) -> None:
     (_inf, "up_proj.weight' holds NaN or Inf"),
     (_int32, "q_proj.weight' is I32; weights must be F32, F16 or BF16"),
     (lambda m: _config(m, intermediate_size=128), "do not belong together"),
-    (lambda m: _config(m, model_type="mistral"), "unsupported architecture: model_type 'mistral'"),
+    (lambda m: _config(m, model_type="qwen2"), "unsupported architecture: model_type 'qwen2'"),
     (lambda m: (m / "tokenizer.json").unlink(), "has no tokenizer.json: copy the model's tokenizer.json"),
     (lambda m: (m / "tokenizer.json").write_text("{"), "tokenizer.json could not be read as a tokenizer"),
 ])

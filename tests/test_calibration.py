@@ -12,13 +12,15 @@ from typer.testing import CliRunner
 from sagekit.backend import get_backend
 from sagekit.cli import app
 from sagekit.errors import SagekitError
+from sagekit.format.architecture import LLAMA_LAYER
+from sagekit.format.config import LlamaConfig
 from sagekit.io.checkpoint import Checkpoint
 from sagekit.io.synthetic import write_random_checkpoint
 from sagekit.model.linear import DequantLinear
 from sagekit.model.load import load_model
 from sagekit.model.tokenizer import load_tokenizer
 from sagekit.quant import rtn
-from sagekit.quant.calibration import ATTRS, CalibOptions, LayerwiseCalibration, calibration_windows
+from sagekit.quant.calibration import CalibOptions, LayerwiseCalibration, calibration_windows
 from sagekit.quant.compress import linear_names
 from sagekit.quant.hessian import drift_target
 
@@ -26,6 +28,7 @@ from conftest import tiny_config
 from test_baselines import calibration_text
 
 runner = CliRunner()
+ATTRS = {t.attr: t.suffix for t in LLAMA_LAYER.linears}  # attribute of a Layer -> HF suffix
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +106,7 @@ def test_layer_hessians_equal_those_of_the_inputs_the_quantised_model_feeds(tiny
         packed[name], stats = rtn.quantize(w, None, name)
         return packed[name], stats
 
-    names, _ = linear_names(2, None)
+    names, _ = linear_names(LlamaConfig.from_hf(tiny_config()), None)
     with Checkpoint(tiny_src) as ckpt:
         out = list(LayerwiseCalibration(ckpt, be, windows).run(set(names), lambda n: ckpt.float32(n + ".weight"),
                                                                quantize))
@@ -149,7 +152,7 @@ def test_fp_targets_quantise_towards_the_fp16_models_outputs(tiny_src, calib_fil
         packed[name], stats = rtn.quantize(w, None, name)
         return packed[name], stats
 
-    names, _ = linear_names(2, None)
+    names, _ = linear_names(LlamaConfig.from_hf(tiny_config()), None)
     with Checkpoint(tiny_src) as ckpt:
         list(LayerwiseCalibration(ckpt, be, windows, fp_targets=True).run(
             set(names), lambda n: ckpt.float32(n + ".weight"), quantize))
@@ -190,7 +193,7 @@ def test_fp_targets_need_calibration_and_are_recorded(tiny_src, calib_file, tmp_
 def test_a_resumed_pass_skips_the_hessians_of_stored_layers_only(tiny_src, calib_file):
     be = get_backend("cpu")
     windows = calibration_windows(tiny_src, CalibOptions(calib_file, samples=2, seqlen=16))
-    names, _ = linear_names(2, None)
+    names, _ = linear_names(LlamaConfig.from_hf(tiny_config()), None)
     layer0 = {n for n in names if n.startswith("model.layers.0.")}
 
     def run(stored: set[str], packed: dict) -> dict:

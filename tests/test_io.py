@@ -121,7 +121,7 @@ def test_corrupt_safetensors_is_a_clean_error(tiny_model, damage, words):
 
 def test_unsupported_architecture(tiny_model):
     cfg = json.loads((tiny_model / "config.json").read_text())
-    cfg["model_type"] = "mistral"
+    cfg["model_type"] = "qwen2"
     (tiny_model / "config.json").write_text(json.dumps(cfg))
     assert "unsupported architecture" in _cli_error(["inspect", str(tiny_model)])
 

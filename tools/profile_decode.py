@@ -15,12 +15,11 @@ import argparse
 import numpy as np
 
 from sagekit.backend import get_backend
+from sagekit.format.architecture import LLAMA_LAYER
 from sagekit.model.llama import Llama
 from sagekit.model.load import load_model
 
 from bench_depth import step_ms  # tools/ is the script's folder, hence on sys.path
-
-LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 class Zeros:
@@ -36,11 +35,12 @@ class Zeros:
 def stub(model: Llama, linears: bool, head: bool) -> Llama:
     if linears:
         for layer in model.layers:
-            for name in LINEARS:
-                lin = getattr(layer, name)
-                setattr(layer, name, Zeros(lin.out_features, lin.in_features))
+            for t in LLAMA_LAYER.linears:
+                lin = getattr(layer, t.attr)
+                setattr(layer, t.attr, Zeros(lin.out_features, lin.in_features))
     if head:
-        model.lm_head = Zeros(model.lm_head.out_features, model.lm_head.in_features)
+        w = model.weights
+        w.lm_head = Zeros(w.lm_head.out_features, w.lm_head.in_features)
     return model
 
 

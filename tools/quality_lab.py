@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from sagekit.backend import get_backend
+from sagekit.format.architecture import LLAMA_LAYER
 from sagekit.eval.perplexity import Tally, log_probs, windows
 from sagekit.io.checkpoint import Checkpoint
 from sagekit.io.demo import demo_model
@@ -40,8 +41,8 @@ def hessians(model, folder: Path, samples: int, seqlen: int, cache: Path) -> dic
     wins = calibration_windows(folder, CalibOptions(DATA / "wiki.valid.tokens", samples, seqlen, 0))
     hidden = np.stack([model.embed_tokens(w) for w in wins])
     out = {}
-    for i in range(len(model.layers)):
-        for suffix, h in record_hessians(model, i, hidden).items():
+    for i, layer in enumerate(model.layers):
+        for suffix, h in record_hessians(model.state, layer, hidden).items():
             out[f"model.layers.{i}.{suffix}"] = h
         for j in range(len(hidden)):
             hidden[j] = model.block(i, hidden[j], 0)
@@ -84,7 +85,7 @@ def bits_for(name: str, r: dict) -> dict:
     return r
 
 
-CLASSES = {1: "q_proj", 2: "k_proj", 3: "v_proj", 4: "o_proj", 5: "gate_proj", 6: "up_proj", 7: "down_proj"}
+CLASSES = {j + 1: t.suffix.rpartition(".")[2] for j, t in enumerate(LLAMA_LAYER.linears)}  # only=1 is q_proj, ...
 
 
 def needs_hessian(r: dict) -> bool:
@@ -133,9 +134,10 @@ def main() -> None:
         stored = n_weights = 0
         if "target" in r:
             r["alloc"] = allocate(shapes, grid_nbytes, r["target"] / 100, sage_grid.sensitivity(shapes))
+        spec = model.config.arch.layer
         for i, layer in enumerate(model.layers):
-            for suffix, lin in layer.linears().items():
-                name = f"model.layers.{i}.{suffix}"
+            for t in spec.linears:
+                suffix, name, norm = t.suffix, f"model.layers.{i}.{t.suffix}", spec.norm_before(t.attr)
                 if "only" in r and CLASSES[r["only"]] != suffix.split(".")[-1]:
                     continue  # a sensitivity probe: this class alone is quantised
                 if "onlylayer" in r and i != r["onlylayer"]:
@@ -144,22 +146,19 @@ def main() -> None:
                 w = dense[name]
                 if r.get("proxy"):  # data-free Hessian proxy: the norm weight squared on the diagonal
                     h = None
-                    if suffix.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
-                        gg = np.asarray(layer.attn_norm if "self_attn" in suffix else layer.ffn_norm, np.float64)
+                    if norm is not None:
+                        gg = np.asarray(getattr(layer, norm), np.float64)
                         h = np.diag(gg * gg + 1e-4 * np.mean(gg * gg)).astype(np.float32)
                 g = None
-                if r.get("fold") and suffix.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
-                    g = np.abs(np.asarray(layer.attn_norm if "self_attn" in suffix else layer.ffn_norm))
+                if r.get("fold") and norm is not None:
+                    g = np.abs(np.asarray(getattr(layer, norm)))
                     g = np.maximum(g, 1e-3 * g.max())
                     w = w * g[None, :]
                 w_hat, nbytes = quantize(w, h, bits_for(name, r), name)
                 stored, n_weights = stored + nbytes, n_weights + w.size
                 if g is not None:
                     w_hat = w_hat / g[None, :]
-                attr = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
-                        "self_attn.o_proj": "o", "mlp.gate_proj": "gate", "mlp.up_proj": "up",
-                        "mlp.down_proj": "down"}[suffix]
-                setattr(layer, attr, DenseLinear(w_hat))
+                setattr(layer, t.attr, DenseLinear(w_hat))
         score(spec, model, wins, ref_lp, {"quant_s": round(time.perf_counter() - t0, 1),
                                           "true_bits": round(8 * stored / max(n_weights, 1), 4),
                                           "file_bits": round(8 * (stored + other_bytes) / params, 4)})

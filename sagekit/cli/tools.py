@@ -39,7 +39,7 @@ def inspect(
             print(json.dumps(info))
             return
         a = info["architecture"]
-        out.print(f"[bold]{path}[/]: Llama, {a['layers']} layers, dim {a['dim']}, MLP {a['hidden_dim']}, "
+        out.print(f"[bold]{path}[/]: {a['name']}, {a['layers']} layers, dim {a['dim']}, MLP {a['hidden_dim']}, "
                   f"{a['heads']} heads / {a['kv_heads']} KV heads (head {a['head_dim']}), vocab {a['vocab']}, "
                   f"rope theta {a['rope_theta']:g}{', tied embeddings' if a['tied_embeddings'] else ''}")
         out.print(f"{info['parameters']:,} parameters; {_fmt_bytes(info['file_bytes'])} on disk "

@@ -7,6 +7,7 @@ tokens/s of the packed model and of the same model held dense.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from sagekit.format.config import LlamaConfig
 from sagekit.format.sage import random_packed
 from sagekit.io.synthetic import SHAPES, llama_config
 from sagekit.model.linear import DenseLinear, HalfLinear, Linear, SageLinear
-from sagekit.model.llama import Layer, Llama
+from sagekit.model.llama import Layer, Llama, Weights
 from sagekit.model.load import load_model
 
 BENCH_SHAPES = {**SHAPES, "llama2-70b-layer": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=1,
@@ -67,11 +68,11 @@ def _densify(model: Llama, max_seq_len: int) -> Llama:
             return DenseLinear(be.asarray(lin.packed.unpack()))
         return DenseLinear(be.asarray(lin.weight)) if isinstance(lin, HalfLinear) else lin
 
-    layers = [Layer(L.attn_norm, dense(L.q), dense(L.k), dense(L.v), dense(L.o), L.ffn_norm, dense(L.gate),
-                    dense(L.up), dense(L.down)) for L in model.layers]
-    embed = be.asarray(model.embed)
-    lm_head = DenseLinear(embed) if model.config.tie_embeddings else dense(model.lm_head)
-    return Llama(model.config, be, embed, layers, model.norm, lm_head, max_seq_len)
+    spec, w = model.config.arch.layer, model.weights
+    layers = [dataclasses.replace(L, **{t.attr: dense(getattr(L, t.attr)) for t in spec.linears}) for L in w.layers]
+    embed = be.asarray(w.embed)
+    lm_head = DenseLinear(embed) if model.config.tie_embeddings else dense(w.lm_head)
+    return Llama(model.config, be, Weights(embed, layers, w.norm, lm_head), max_seq_len)
 
 
 def load_pair(path: Path, backend: Backend, max_seq_len: int) -> ModelPair:
@@ -87,22 +88,19 @@ def random_pair(shape: str, backend: Backend, max_seq_len: int, layers: int | No
     if layers:
         overrides["num_hidden_layers"] = layers
     c = LlamaConfig.from_hf(llama_config(**overrides))
-    xp = backend.xp
-    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    shapes = [(q, c.dim), (kv, c.dim), (kv, c.dim), (c.dim, q), (c.hidden_dim, c.dim), (c.hidden_dim, c.dim),
-              (c.dim, c.hidden_dim)]
-    norm = xp.ones(c.dim, dtype=xp.float32)
+    spec, shapes = c.arch.layer, c.layer_shapes()
+    norm = backend.xp.ones(c.dim, dtype=backend.xp.float32)
+    norms = {t.attr: norm for t in spec.norms}
     embed = backend.asarray(0.02 * np.random.default_rng(0).standard_normal((c.vocab_size, c.dim), dtype=np.float32))
     packed_layers, dense_layers = [], []
     for i in range(c.n_layers):
-        mats = [random_packed(o, n, groups, salient, seed=7 * i + j) for j, (o, n) in enumerate(shapes)]
-        packed_layers.append(Layer(norm, *[SageLinear(m, backend) for m in mats[:4]], norm,
-                                   *[SageLinear(m, backend) for m in mats[4:]]))
-        dense_layers.append(Layer(norm, *[DenseLinear(backend.asarray(m.unpack())) for m in mats[:4]], norm,
-                                  *[DenseLinear(backend.asarray(m.unpack())) for m in mats[4:]]))
+        mats = {t.attr: random_packed(*shapes[t.suffix], groups, salient, seed=7 * i + j)
+                for j, t in enumerate(spec.linears)}
+        packed_layers.append(Layer(**norms, **{a: SageLinear(m, backend) for a, m in mats.items()}))
+        dense_layers.append(Layer(**norms, **{a: DenseLinear(backend.asarray(m.unpack())) for a, m in mats.items()}))
     head = DenseLinear(embed)
-    return ModelPair(Llama(c, backend, embed, packed_layers, norm, head, max_seq_len),
-                     Llama(c, backend, embed, dense_layers, norm, head, max_seq_len))
+    return ModelPair(Llama(c, backend, Weights(embed, packed_layers, norm, head), max_seq_len),
+                     Llama(c, backend, Weights(embed, dense_layers, norm, head), max_seq_len))
 
 
 def matrix_speed(pair: ModelPair, repeats: int) -> list[dict[str, Any]]:

@@ -1,7 +1,7 @@
-"""The Llama architecture description, read from an HF config.json and checked before any weight is read.
+"""The sizes of a Llama-family model, read from an HF config.json and checked before any weight is read.
 
 Part of the file format, below io and model: the checkpoint reader validates tensors against it and the
-model is built from it."""
+model is built from it. Which tensors there are is the architecture's (sagekit.format.architecture)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from sagekit.errors import SagekitError
+from sagekit.format.architecture import ARCHITECTURES, Architecture, architecture_of, sizes
 
-SUPPORTED_MODEL_TYPES = ("llama",)
 REQUIRED_KEYS = (
     "hidden_size",
     "intermediate_size",
@@ -85,18 +85,15 @@ class LlamaConfig:
     tie_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    arch: Architecture = ARCHITECTURES[0]  # its row of the architecture table (Llama by default)
+    sliding_window: int | None = None  # attention reaches this many tokens back (Mistral v0.1); None: all
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> LlamaConfig:
         if not isinstance(cfg, dict):
             raise SagekitError("config.json is not a JSON object: re-export the model's config.json")
-        model_type = cfg.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise SagekitError(
-                f"unsupported architecture: model_type '{model_type}' (sagekit supports Llama-family "
-                "models with model_type 'llama')"
-            )
+        arch = architecture_of(cfg)
         missing = [k for k in REQUIRED_KEYS if k not in cfg]
         if missing:
             raise SagekitError(f"config.json is missing {', '.join(missing)}: it is not a complete Llama config")
@@ -130,6 +127,9 @@ class LlamaConfig:
             tie_embeddings=bool(tie),
             bos_token_id=bos[0] if len(bos) == 1 else None,
             eos_token_ids=_token_ids(cfg, "eos_token_id"),
+            arch=arch,
+            sliding_window=None if not arch.has_sliding_window or cfg.get("sliding_window") is None
+            else _int(cfg, "sliding_window"),
             raw=cfg,
         )
 
@@ -144,27 +144,25 @@ class LlamaConfig:
         except OSError as e:
             raise SagekitError(f"cannot read {path}: {e.strerror}") from None
 
+    def _sizes(self) -> dict[str, int]:
+        return sizes(self.dim, self.hidden_dim, self.n_heads, self.n_kv_heads, self.head_dim, self.vocab_size)
+
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor a checkpoint must hold, with its HF name and shape."""
-        d, h, kv = self.dim, self.hidden_dim, self.n_kv_heads * self.head_dim
-        q = self.n_heads * self.head_dim
-        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab_size, d), "model.norm.weight": (d,)}
-        for i in range(self.n_layers):
-            p = f"model.layers.{i}."
-            shapes |= {
-                p + "input_layernorm.weight": (d,),
-                p + "post_attention_layernorm.weight": (d,),
-                p + "self_attn.q_proj.weight": (q, d),
-                p + "self_attn.k_proj.weight": (kv, d),
-                p + "self_attn.v_proj.weight": (kv, d),
-                p + "self_attn.o_proj.weight": (d, q),
-                p + "mlp.gate_proj.weight": (h, d),
-                p + "mlp.up_proj.weight": (h, d),
-                p + "mlp.down_proj.weight": (d, h),
-            }
-        if not self.tie_embeddings:
-            shapes["lm_head.weight"] = (self.vocab_size, d)
-        return shapes
+        return self.arch.expected_shapes(self._sizes(), self.n_layers, self.tie_embeddings)
+
+    def layer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """One decoder layer's tensors by HF suffix (self_attn.q_proj, ...), with their shapes."""
+        return self.arch.layer.shapes(self._sizes())
+
+    def check_context(self, n_tokens: int) -> None:
+        """Refuse a context longer than the sliding window: sagekit attends to the whole context, which is
+        the model's own attention only while every key is within the window."""
+        w = self.sliding_window
+        if w is not None and n_tokens > w:
+            raise SagekitError(f"a context of {n_tokens} tokens is longer than this model's sliding_window of {w} "
+                               f"(config.json), and sagekit runs no sliding-window attention: use at most {w} "
+                               "tokens (--seqlen, --calib-seqlen, --context-length)")
 
     def rope_inv_freq(self) -> list[float]:
         """Per-pair rotation frequencies, with Llama-3.1 / linear scaling applied as HF does."""

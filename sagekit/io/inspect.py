@@ -65,10 +65,10 @@ def inspect_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
     return {
         "path": str(ckpt.path),
         "architecture": {
-            "model_type": "llama", "layers": c.n_layers, "dim": c.dim, "hidden_dim": c.hidden_dim,
+            "model_type": c.arch.model_type, "name": c.arch.name, "layers": c.n_layers, "dim": c.dim, "hidden_dim": c.hidden_dim,
             "heads": c.n_heads, "kv_heads": c.n_kv_heads, "head_dim": c.head_dim, "vocab": c.vocab_size,
             "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling, "tied_embeddings": c.tie_embeddings,
-            "max_position_embeddings": c.max_seq_len,
+            "max_position_embeddings": c.max_seq_len, "sliding_window": c.sliding_window,
         },
         "parameters": dense_params,
         "stored_float_parameters": params,

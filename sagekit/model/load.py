@@ -1,19 +1,25 @@
-"""Build a Llama in memory from a checkpoint on disk, one tensor at a time, onto the chosen backend."""
+"""Build a Llama in memory from a checkpoint on disk, one tensor at a time, onto the chosen backend.
+
+The tensor names come from the config's row of sagekit.format.architecture; `load_layer` is the one place a
+decoder layer is assembled (calibration loads its layers through it too).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from sagekit.backend import Backend
+from sagekit.format.architecture import EMBED, FINAL_NORM, HEAD, layer_prefix
 from sagekit.format.sage import PackedSage
 from sagekit.format.sage_grid import PackedGrid
 from sagekit.format.sage_vq import PackedVQ
 from sagekit.io import packed
 from sagekit.io.checkpoint import Checkpoint
 from sagekit.model.linear import DenseLinear, DequantLinear, GridLinear, HalfLinear, Linear, SageLinear
-from sagekit.model.llama import Layer, Llama
+from sagekit.model.llama import Layer, Llama, Weights
 
 
 def _linear(ckpt: Checkpoint, prefix: str, backend: Backend, kernels: bool) -> Linear:
@@ -29,35 +35,41 @@ def _linear(ckpt: Checkpoint, prefix: str, backend: Backend, kernels: bool) -> L
     return DenseLinear(backend.asarray(ckpt.float32(prefix + ".weight")))
 
 
+def _vector(ckpt: Checkpoint, name: str, backend: Backend) -> Any:
+    """A norm weight: float32 on the backend whatever the model's dtype."""
+    return backend.xp.asarray(ckpt.float32(name), dtype=backend.xp.float32)
+
+
+def load_layer(ckpt: Checkpoint, i: int, backend: Backend, kernels: bool = True) -> Layer:
+    """Decoder layer i: its norms and its linears (dense, or packed as `_linear` runs them)."""
+    p, spec = layer_prefix(i), ckpt.config.arch.layer
+    norms = {t.attr: _vector(ckpt, p + t.suffix + ".weight", backend) for t in spec.norms}
+    return Layer(**norms, **{t.attr: _linear(ckpt, p + t.suffix, backend, kernels) for t in spec.linears})
+
+
+def load_embedding(ckpt: Checkpoint, backend: Backend) -> Any:
+    """The embedding table; a compressed model keeps its FP16 embedding as FP16 on the CPU too (the GPU
+    backend does anyway)."""
+    if ckpt.quantization is not None and not backend.is_gpu:
+        return ckpt.float32(f"{EMBED}.weight").astype(np.float16)
+    return backend.asarray(ckpt.float32(f"{EMBED}.weight"))
+
+
 def load_model(path: str | Path, backend: Backend, max_seq_len: int, kernels: bool = True) -> Llama:
     """A dense or packed model from any path the checkpoint loader accepts.
 
     kernels=False runs packed layers by dequantising each on use: the reference the kernels are tested against.
     """
     with Checkpoint(path) as ckpt:
-        c, xp = ckpt.config, backend.xp
-        vec = lambda name: xp.asarray(ckpt.float32(name), dtype=xp.float32)  # noqa: E731
-        layers = []
-        for i in range(c.n_layers):
-            p = f"model.layers.{i}."
-            lin = {n: _linear(ckpt, p + n, backend, kernels) for n in (
-                "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
-            layers.append(Layer(
-                attn_norm=vec(p + "input_layernorm.weight"), q=lin["self_attn.q_proj"], k=lin["self_attn.k_proj"],
-                v=lin["self_attn.v_proj"], o=lin["self_attn.o_proj"], ffn_norm=vec(p + "post_attention_layernorm.weight"),
-                gate=lin["mlp.gate_proj"], up=lin["mlp.up_proj"], down=lin["mlp.down_proj"]))
-        if ckpt.quantization is not None and not backend.is_gpu:
-            # a compressed model keeps its FP16 embedding / lm_head as FP16 (the GPU backend does anyway)
-            embed = ckpt.float32("model.embed_tokens.weight").astype(np.float16)
-            half = lambda name: HalfLinear(ckpt.float32(name).astype(np.float16))  # noqa: E731
-        else:
-            embed = backend.asarray(ckpt.float32("model.embed_tokens.weight"))
-            half = None
+        c = ckpt.config
+        layers = [load_layer(ckpt, i, backend, kernels) for i in range(c.n_layers)]
+        embed = load_embedding(ckpt, backend)
+        half = ckpt.quantization is not None and not backend.is_gpu  # FP16 stays FP16, as the embedding
         if c.tie_embeddings:
             lm_head = HalfLinear(embed) if half else DenseLinear(embed)
-        elif half and not packed.is_packed(ckpt, "lm_head"):
-            lm_head = half("lm_head.weight")
+        elif half and not packed.is_packed(ckpt, HEAD):
+            lm_head = HalfLinear(ckpt.float32(f"{HEAD}.weight").astype(np.float16))
         else:
-            lm_head = _linear(ckpt, "lm_head", backend, kernels)
-        return Llama(c, backend, embed, layers, vec("model.norm.weight"), lm_head, max_seq_len)
+            lm_head = _linear(ckpt, HEAD, backend, kernels)
+        weights = Weights(embed, layers, _vector(ckpt, f"{FINAL_NORM}.weight", backend), lm_head)
+        return Llama(c, backend, weights, max_seq_len)

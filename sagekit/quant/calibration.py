@@ -2,11 +2,12 @@
 
 The text is tokenised once (no BOS) with the model's tokenizer and `samples` windows of `seqlen` tokens are
 drawn at seeded random offsets. Layer i then runs on every window's hidden state with its linears wrapped in
-RecordingLinear, which accumulates H = 2/n sum x x^T of the inputs (q/k/v see one input and share one H, as
-do gate/up); its linears are quantised with their H, the quantised weights are swapped in, and the layer runs
+RecordingLinear, which accumulates H = 2/n sum x x^T of the inputs (linears that read one input share one H:
+q/k/v, gate/up, as the architecture's shared inputs say); its linears are quantised with their H, the quantised weights are swapped in, and the layer runs
 again to give layer i+1 its inputs. So every layer is calibrated on what the already quantised layers before
-it produce, as GPTQ does. Memory: one layer's weights and Hessians plus the (samples, seqlen, dim) float32
-hidden states. Never calibrate on the text you evaluate on.
+it produce, as GPTQ does. Layers are loaded as sagekit.model.load loads them and run by the model's block
+function with a run state of their own (one cache slot). Memory: one layer's weights and Hessians plus the
+(samples, seqlen, dim) float32 hidden states. Never calibrate on the text you evaluate on.
 """
 
 from __future__ import annotations
@@ -21,17 +22,14 @@ import numpy as np
 
 from sagekit.backend import Backend
 from sagekit.errors import SagekitError
+from sagekit.format.architecture import layer_prefix
 from sagekit.io.checkpoint import Checkpoint
 from sagekit.io.text import read_text
 from sagekit.model.linear import DenseLinear, Linear
-from sagekit.model.llama import Layer, Llama
+from sagekit.model.llama import Layer, RunState, block, embed_tokens
+from sagekit.model.load import load_embedding, load_layer
 from sagekit.model.tokenizer import load_tokenizer
 from sagekit.quant.hessian import drift_target
-
-# attribute of Layer -> HF suffix, and which linears share one input (hence one Hessian)
-ATTRS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-         "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-SHARED_INPUT = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up": "gate_up", "down": "down"}
 
 Quantizer = Callable[[str, np.ndarray, np.ndarray | None], tuple[Any, Any]]  # (name, weight, H) -> (packed, stats)
 
@@ -136,51 +134,37 @@ class RecordingLinear:
         return self.inner.nbytes
 
 
-def record_hessians(model: Llama, i: int, hidden: Any) -> dict[str, np.ndarray]:
-    """H of each of layer i's linears (by HF suffix) over the hidden states (windows, seqlen, dim) fed to it."""
-    layer = model.layers[i]
-    dims = {key: getattr(layer, attr).in_features for attr, key in SHARED_INPUT.items()}
-    accs = {key: HessianAccumulator(model.xp, dim) for key, dim in dims.items()}
-    model.layers[i] = dataclasses.replace(
-        layer, **{attr: RecordingLinear(getattr(layer, attr), accs[SHARED_INPUT[attr]]) for attr in ATTRS})
-    try:
-        for h in hidden:
-            model.block(i, h, 0)
-    finally:
-        model.layers[i] = layer
-    by_key = {key: acc.hessian(model.backend) for key, acc in accs.items()}
-    return {ATTRS[attr]: by_key[key] for attr, key in SHARED_INPUT.items()}
+def record_hessians(state: RunState, layer: Layer, hidden: Any) -> dict[str, np.ndarray]:
+    """H of each of the layer's linears (by HF suffix) over the hidden states (windows, seqlen, dim) fed to it."""
+    spec = state.config.arch.layer
+    inputs = spec.inputs()
+    dims = {key: getattr(layer, attr).in_features for attr, key in inputs.items()}
+    accs = {key: HessianAccumulator(state.xp, dim) for key, dim in dims.items()}
+    recording = dataclasses.replace(layer, **{a: RecordingLinear(getattr(layer, a), accs[k]) for a, k in inputs.items()})
+    for h in hidden:
+        block(recording, state, 0, h, 0)
+    by_key = {key: acc.hessian(state.backend) for key, acc in accs.items()}
+    return {t.suffix: by_key[inputs[t.attr]] for t in spec.linears}
 
 
-def record_drift(model: Llama, i: int, hidden: Any, hidden_fp: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(H, C) of each of layer i's linears by HF suffix, and hidden_fp advanced through the (dense) layer.
+def record_drift(state: RunState, layer: Layer, hidden: Any, hidden_fp: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(H, C) of each of the layer's linears by HF suffix, and hidden_fp advanced through the (dense) layer.
 
     Window by window, the layer first runs on the FP16 model's residual stream, keeping each linear's
     input, then on the quantised model's, accumulating H and the cross term against the kept inputs.
     """
-    layer, stash = model.layers[i], {}
-    dims = {key: getattr(layer, attr).in_features for attr, key in SHARED_INPUT.items()}
-    accs = {key: DriftAccumulator(model.xp, dim, stash, key) for key, dim in dims.items()}
-    stashing = dataclasses.replace(layer, **{a: StashingLinear(getattr(layer, a), stash, k) for a, k in SHARED_INPUT.items()})
-    recording = dataclasses.replace(layer, **{a: RecordingLinear(getattr(layer, a), accs[k]) for a, k in SHARED_INPUT.items()})
-    try:
-        for j in range(len(hidden)):
-            model.layers[i] = stashing
-            fp_out = model.block(i, hidden_fp[j], 0)
-            model.layers[i] = recording
-            model.block(i, hidden[j], 0)
-            hidden_fp[j] = fp_out
-    finally:
-        model.layers[i] = layer
-    by_key = {key: (acc.hessian(model.backend), acc.cross(model.backend)) for key, acc in accs.items()}
-    return {ATTRS[attr]: by_key[key] for attr, key in SHARED_INPUT.items()}
-
-
-def _dense_layer(ckpt: Checkpoint, i: int, backend: Backend) -> Layer:
-    p, xp = f"model.layers.{i}.", backend.xp
-    lin = {attr: DenseLinear(backend.asarray(ckpt.float32(p + suffix + ".weight"))) for attr, suffix in ATTRS.items()}
-    return Layer(attn_norm=xp.asarray(ckpt.float32(p + "input_layernorm.weight"), dtype=xp.float32),
-                 ffn_norm=xp.asarray(ckpt.float32(p + "post_attention_layernorm.weight"), dtype=xp.float32), **lin)
+    spec, stash = state.config.arch.layer, {}
+    inputs = spec.inputs()
+    dims = {key: getattr(layer, attr).in_features for attr, key in inputs.items()}
+    accs = {key: DriftAccumulator(state.xp, dim, stash, key) for key, dim in dims.items()}
+    stashing = dataclasses.replace(layer, **{a: StashingLinear(getattr(layer, a), stash, k) for a, k in inputs.items()})
+    recording = dataclasses.replace(layer, **{a: RecordingLinear(getattr(layer, a), accs[k]) for a, k in inputs.items()})
+    for j in range(len(hidden)):
+        fp_out = block(stashing, state, 0, hidden_fp[j], 0)
+        block(recording, state, 0, hidden[j], 0)
+        hidden_fp[j] = fp_out
+    by_key = {key: (acc.hessian(state.backend), acc.cross(state.backend)) for key, acc in accs.items()}
+    return {t.suffix: by_key[inputs[t.attr]] for t in spec.linears}
 
 
 class LayerwiseCalibration:
@@ -202,42 +186,42 @@ class LayerwiseCalibration:
         made of stored ones only runs once, to pass its outputs on (a resume costs half a pass there).
         """
         ckpt, backend, xp, cfg = self.ckpt, self.backend, self.backend.xp, self.ckpt.config
-        embed = backend.asarray(ckpt.float32("model.embed_tokens.weight"))
-        norm = xp.asarray(ckpt.float32("model.norm.weight"), dtype=xp.float32)
-        # layers are loaded as they are reached and dropped when done; the head is never run here
-        model = Llama(cfg, backend, embed, [None] * cfg.n_layers, norm, DenseLinear(embed), self.windows.shape[1])
+        spec = cfg.arch.layer
+        # one layer at a time: loaded when reached and dropped when done, run with one cache slot; no head
+        state = RunState(cfg, backend, self.windows.shape[1], n_layers=1)
+        embed = load_embedding(ckpt, backend)
         t0 = time.perf_counter()
-        hidden = xp.stack([model.embed_tokens(w) for w in self.windows])
+        hidden = xp.stack([embed_tokens(state, embed, w) for w in self.windows])
+        del embed
         hidden_fp = hidden.copy() if self.fp_targets else None
         self.forward_seconds += time.perf_counter() - t0
         for i in range(cfg.n_layers):
-            model.layers[i] = layer = _dense_layer(ckpt, i, backend)
-            todo = {f"model.layers.{i}.{suffix}" for suffix in ATTRS.values()} & (names - stored)
-            recorded = self._record(model, i, hidden, hidden_fp, bool(todo))
-            for attr, suffix in ATTRS.items():
-                name = f"model.layers.{i}.{suffix}"
+            layer, prefix = load_layer(ckpt, i, backend), layer_prefix(i)
+            todo = {prefix + t.suffix for t in spec.linears} & (names - stored)
+            recorded = self._record(state, layer, hidden, hidden_fp, bool(todo))
+            for t in spec.linears:
+                name = prefix + t.suffix
                 if name in names:
                     w, h = read(name), None
                     if name in todo:
-                        h, cross = recorded[suffix]
+                        h, cross = recorded[t.suffix]
                         w = w if cross is None else drift_target(w, h, cross)
                     packed, stats = quantize(name, w, h)
-                    setattr(layer, attr, DenseLinear(backend.asarray(packed.unpack())))  # = DequantLinear's weight
+                    setattr(layer, t.attr, DenseLinear(backend.asarray(packed.unpack())))  # = DequantLinear's weight
                     yield packed, stats
             del recorded
             t0 = time.perf_counter()
             for j in range(len(hidden)):
-                hidden[j] = model.block(i, hidden[j], 0)
+                hidden[j] = block(layer, state, 0, hidden[j], 0)
             self.forward_seconds += time.perf_counter() - t0
-            model.layers[i] = None
 
-    def _record(self, model: Llama, i: int, hidden: Any, hidden_fp: Any | None,
+    def _record(self, state: RunState, layer: Layer, hidden: Any, hidden_fp: Any | None,
                 todo: bool) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-        """{suffix: (H, cross term or None)} of layer i; the FP16 stream, when carried, advances even if not todo."""
+        """{suffix: (H, cross term or None)} of the layer; the FP16 stream, when carried, advances even if not todo."""
         t0 = time.perf_counter()
         if hidden_fp is not None:
-            out = dict(record_drift(model, i, hidden, hidden_fp))
+            out = dict(record_drift(state, layer, hidden, hidden_fp))
         else:
-            out = {s: (h, None) for s, h in record_hessians(model, i, hidden).items()} if todo else {}
+            out = {s: (h, None) for s, h in record_hessians(state, layer, hidden).items()} if todo else {}
         self.forward_seconds += time.perf_counter() - t0
         return out

@@ -21,6 +21,7 @@ import numpy as np
 
 from sagekit import __version__
 from sagekit.errors import DiskFullError, SagekitError
+from sagekit.format.config import LlamaConfig
 from sagekit.format.layouts import layout_of
 from sagekit.format.stats import MatrixStats
 from sagekit.io.atomic import check_output_dir
@@ -31,9 +32,6 @@ from sagekit.quant import registry
 from sagekit.quant.calibration import CalibOptions, LayerwiseCalibration, calibration_windows
 from sagekit.quant.folder import FolderSpec, write_folder
 from sagekit.quant.pool import init_worker, map_weights, read_weight, worker_checkpoint
-
-LINEAR_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 @dataclass
@@ -51,10 +49,10 @@ class CompressOptions:
         return method, method.knobs() if self.knobs is None else self.knobs
 
 
-def linear_names(n_layers: int, skip: str | None) -> tuple[list[str], list[str]]:
+def linear_names(config: LlamaConfig, skip: str | None) -> tuple[list[str], list[str]]:
     """(to quantise, skipped) decoder linear prefixes, in model order."""
     pattern = re.compile(skip) if skip else None
-    names = [f"model.layers.{i}.{s}" for i in range(n_layers) for s in LINEAR_SUFFIXES]
+    names = config.arch.linear_names(config.n_layers)
     return [n for n in names if not (pattern and pattern.search(n))], [n for n in names if pattern and pattern.search(n)]
 
 
@@ -143,7 +141,7 @@ class _Run:
     def __init__(self, src: Path, ckpt: Checkpoint, opts: CompressOptions, method: registry.Method, knobs: Any,
                  store: PartialStore):
         self.src, self.ckpt, self.opts, self.method, self.knobs, self.store = src, ckpt, opts, method, knobs, store
-        self.names, self.skipped = linear_names(ckpt.config.n_layers, opts.skip)
+        self.names, self.skipped = linear_names(ckpt.config, opts.skip)
         self.plan: dict[str, Any] = {}
         self.calib: LayerwiseCalibration | None = None
         self.resumed = len(store)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from sagekit.format import rotation
+from sagekit.format.architecture import input_of_name
 from sagekit.format.sage_grid import MAX_BITS, PackedGrid, grid_nbytes, pack_grid
 from sagekit.format.stats import MatrixStats, matrix_stats
 from sagekit.quant import grid
@@ -53,14 +54,11 @@ class GridKnobs:
         if not 1 <= self.bits <= MAX_BITS:
             raise ValueError(f"--bits must be 1 to {MAX_BITS}, not {self.bits}")
 
-# linears that read the same activation share its rotation, so the run time rotates each input once
-SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
-
-
 def rotation_seed(seed: int, name: str) -> int:
-    """One rotation per (layer, input): q/k/v share one, gate/up share one."""
-    prefix, _, proj = name.rpartition(".")
-    return zlib.crc32(f"{seed}:{prefix}:{SHARED_INPUT.get(proj, proj)}".encode())
+    """One rotation per (layer, input): linears that read one activation share its rotation (q/k/v, gate/up:
+    the architecture's shared inputs), so the run time rotates each input once."""
+    prefix = name.rpartition(".")[0]
+    return zlib.crc32(f"{seed}:{prefix}:{input_of_name(name)}".encode())
 
 
 _last_hessian: dict[tuple, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = {}
