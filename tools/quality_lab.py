@@ -134,10 +134,10 @@ def main() -> None:
         stored = n_weights = 0
         if "target" in r:
             r["alloc"] = allocate(shapes, grid_nbytes, r["target"] / 100, sage_grid.sensitivity(shapes))
-        spec = model.config.arch.layer
+        layer_spec = model.config.arch.layer
         for i, layer in enumerate(model.layers):
-            for t in spec.linears:
-                suffix, name, norm = t.suffix, f"model.layers.{i}.{t.suffix}", spec.norm_before(t.attr)
+            for t in layer_spec.linears:
+                suffix, name, norm = t.suffix, f"model.layers.{i}.{t.suffix}", layer_spec.norm_before(t.attr)
                 if "only" in r and CLASSES[r["only"]] != suffix.split(".")[-1]:
                     continue  # a sensitivity probe: this class alone is quantised
                 if "onlylayer" in r and i != r["onlylayer"]:
