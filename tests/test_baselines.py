@@ -251,7 +251,7 @@ def test_corrupt_folder_gives_a_one_line_error(packed_dirs, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--method", "billm"], "needs calibration text"),
     (["--method", "pbllm"], "--calib FILE"),
-    (["--method", "rtn", "--calib", "CALIB"], "--calib applies to sage --recipe grid, billm, pbllm, gptq"),
+    (["--method", "rtn", "--calib", "CALIB"], "--calib applies to sage --recipe grid, sage --recipe vq, billm, pbllm, gptq"),
     (["--method", "rtn", "--bits", "3"], "--bits applies to --method sage --recipe grid"),
     (["--recipe", "paper", "--no-rotate"], "--rotate applies"),
     (["--levels", "kmeans"], "--levels must be lloyd or uniform"),
