@@ -87,6 +87,17 @@ def rotated_hessian(h: np.ndarray, rot: int | None, factor: bool,
     return _last_hessian[key]
 
 
+def rotated_problem(w: np.ndarray, h: np.ndarray | None, name: str, seed: int, rotate: bool, factor: bool,
+                    act_order: bool) -> tuple[int | None, np.ndarray, tuple]:
+    """(rotation seed or None, W R^T in float64, rotated_hessian(...) or three Nones without a Hessian):
+    the problem every rotated recipe (sage-grid, sage-vq) quantises."""
+    rot = rotation_seed(seed, name) if rotate else None
+    wr = np.asarray(w, dtype=np.float64)
+    if rot is not None:
+        wr = rotation.rotate(wr, rot)
+    return rot, wr, (None, None, None) if h is None else rotated_hessian(h, rot, factor, act_order)
+
+
 def quantize(w: np.ndarray, h: np.ndarray | None = None, name: str = "", bits: int = 4, seed: int = 0,
              rotate: bool = True, row_scale: bool = True, levels: str = "lloyd",
              error_feedback: bool = True, act_order: bool = False) -> tuple[PackedGrid, MatrixStats]:
@@ -96,11 +107,7 @@ def quantize(w: np.ndarray, h: np.ndarray | None = None, name: str = "", bits: i
         raise ValueError(f"bits must be 1 to {MAX_BITS}, not {bits}")
     if levels not in ("lloyd", "uniform"):
         raise ValueError(f"levels must be lloyd or uniform, not {levels!r}")
-    rot = rotation_seed(seed, name) if rotate else None
-    wr = np.asarray(w, dtype=np.float64)
-    if rot is not None:
-        wr = rotation.rotate(wr, rot)
-    hr, u, perm = (None, None, None) if h is None else rotated_hessian(h, rot, error_feedback, act_order)
+    rot, wr, (hr, u, perm) = rotated_problem(w, h, name, seed, rotate, error_feedback, act_order)
     scales, grid_levels = grid.fit(wr, bits, None if hr is None else np.diag(hr).copy(), levels == "lloyd", row_scale)
     if hr is not None and error_feedback:
         order = np.arange(wr.shape[1]) if perm is None else perm

@@ -18,13 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sagekit.format import rotation
 from sagekit.format.sage_vq import DIMS, ENTRIES, PackedVQ, pack_vq
 from sagekit.format.stats import MatrixStats, matrix_stats
 from sagekit.quant import grid
 from sagekit.quant.hessian import compensate
 from sagekit.quant.registry import Method
-from sagekit.quant.sage_grid import rotated_hessian, rotation_seed
+from sagekit.quant.sage_grid import rotated_problem, rotation_seed
 
 KMEANS_ITERS = 25  # from a seeded random start; a warm start after a scale refit takes WARM_ITERS
 WARM_ITERS = 8
@@ -131,11 +130,7 @@ def quantize(w: np.ndarray, h: np.ndarray | None = None, name: str = "", dim: in
     VQKnobs(dim=dim)  # the one check of dim
     if w.shape[1] % dim:
         raise ValueError(f"{w.shape[1]} input columns are not a multiple of --dim {dim}")
-    rot = rotation_seed(seed, name) if rotate else None
-    wr = np.asarray(w, dtype=np.float64)
-    if rot is not None:
-        wr = rotation.rotate(wr, rot)
-    hr, u, _ = (None, None, None) if h is None else rotated_hessian(h, rot, error_feedback, False)
+    rot, wr, (hr, u, _) = rotated_problem(w, h, name, seed, rotate, error_feedback, False)
     scales, book = fit(wr, dim, None if hr is None else np.diag(hr).copy(), rotation_seed(seed, name + ":vq"))
     if hr is not None and error_feedback:
         codes, scales = ldlq(wr, hr, u, scales, book)
