@@ -29,7 +29,33 @@ def test_a_codebook_beats_the_best_scalar_levels_at_two_bits():
     vq, _ = sage_vq.quantize(w, None, "x.q_proj", dim=4)
     scalar, _ = sage_grid.quantize(w, None, "x.q_proj", bits=2)
     assert err(vq) < 0.9 * err(scalar)
-    assert 8 * (vq.nbytes - 2 * 256 * 4) / w.size == pytest.approx(2 + (16 + 32 / 128) / 576, abs=1e-9)
+    assert 8 * (vq.nbytes - 256 * 4 - 2) / w.size == pytest.approx(2 + (16 + 32 / 128) / 576, abs=1e-9)
+
+
+def test_the_int8_codebook_is_the_one_the_quantiser_coded_with():
+    """The stored codewords (int8 times the FP16 step) reproduce the quantiser's own reconstruction."""
+    w = np.random.default_rng(2).standard_normal((32, 96))
+    wr = sage_grid.rotated_problem(w, None, "x.q_proj", 0, True, False, False)[1]
+    scales, book = sage_vq.fit(wr, 4, None, 7)
+    packed = sage_vq.pack_vq(sage_vq.codes_of(wr, scales, book), scales, book, None)
+    assert packed.codebook.dtype == np.int8 and np.abs(packed.codebook).max() == 127
+    np.testing.assert_array_equal(packed.codewords(), book.astype(np.float32))
+
+
+def test_act_order_moves_whole_runs_by_energy():
+    diag = np.array([1, 1, 9, 9, 5, 0, 2, 2.0])
+    order = sage_vq.run_order(diag, 2)
+    assert order.tolist() == [2, 3, 4, 5, 6, 7, 0, 1]  # run energies 2, 18, 5, 4
+
+
+def test_act_order_codes_the_same_runs_it_was_given():
+    """With act-order, each stored code still covers its own run: a Hessian that is diagonal (no error to
+    pass on) gives the same codes in any order."""
+    w = np.random.default_rng(3).standard_normal((16, 64))
+    h = np.diag(np.random.default_rng(4).uniform(0.5, 5.0, 64))
+    a, _ = sage_vq.quantize(w, h, "x.o_proj", dim=4, rotate=False, act_order=True)
+    b, _ = sage_vq.quantize(w, h, "x.o_proj", dim=4, rotate=False, act_order=False)
+    np.testing.assert_array_equal(a.codes, b.codes)
 
 
 def test_run_wise_error_feedback_beats_plain_coding_on_a_planted_problem():
@@ -48,6 +74,8 @@ def test_run_wise_error_feedback_beats_plain_coding_on_a_planted_problem():
     ("codebook", lambda a: np.concatenate([a, a[:, :1]], axis=1)),  # runs of 5 are not a layout
     ("codebook", lambda a: a[:128]),
     ("scale", lambda a: np.full_like(a, np.inf)),
+    ("book_scale", lambda a: np.full_like(a, np.nan)),
+    ("codebook", lambda a: a.astype(np.float16)),
     ("rot", lambda a: np.concatenate([a, a])),
 ])
 def test_corrupt_vq_fields_are_named(field, corrupt):

@@ -57,12 +57,12 @@ def compress(
     levels: Optional[str] = typer.Option(None, help="sage grid: lloyd [default] (levels fitted to each matrix) or "
                                          "uniform.", rich_help_panel=GRID, **UNSET),
     error_feedback: Optional[bool] = typer.Option(None, "--error-feedback/--no-error-feedback", help="sage grid "
-                                                  "with --calib: round codes by LDLQ, pushing each column's error "
+                                                  "and vq with --calib: round codes by LDLQ, pushing each column's error "
                                                   "onto the columns not yet rounded [on].", rich_help_panel=GRID,
                                                   **UNSET),
-    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="sage grid with --calib: "
-                                             "LDLQ rounds the columns in descending order of the Hessian's "
-                                             "diagonal (GPTQ's act-order) [on].", rich_help_panel=GRID, **UNSET),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="sage grid and vq "
+                                             "with --calib: LDLQ rounds the columns (vq: whole runs) in descending "
+                                             "order of the Hessian's diagonal (GPTQ's act-order) [on].", rich_help_panel=GRID, **UNSET),
     salient_bits: Optional[int] = typer.Option(None, min=2, max=8, help="Bits of each salient weight's correction "
                                                "[4].", rich_help_panel=PAPER, **UNSET),
     max_salient: Optional[float] = typer.Option(None, min=0.0, max=0.5, help="Largest salient fraction p the "

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sagekit.format.sage_vq import DIMS, ENTRIES, PackedVQ, pack_vq
+from sagekit.format.sage_vq import DIMS, ENTRIES, PackedVQ, book_ints, book_step, pack_vq
 from sagekit.format.stats import MatrixStats, matrix_stats
 from sagekit.quant import grid
-from sagekit.quant.hessian import compensate
+from sagekit.quant.hessian import compensate, inverse_hessian_factor
 from sagekit.quant.registry import Method
 from sagekit.quant.sage_grid import rotated_problem, rotation_seed
 
@@ -37,6 +37,7 @@ class VQKnobs:
     dim: int = 4  # weights per codeword: 8 / dim bits per weight
     rotate: bool = True
     error_feedback: bool = True
+    act_order: bool = True  # runs coded by descending Hessian energy, as sage-grid's columns (measured there)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -75,7 +76,8 @@ def kmeans(runs: np.ndarray, weight: np.ndarray, seed: int, init: np.ndarray | N
 
 
 def fit(w: np.ndarray, dim: int, col_weight: np.ndarray | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(FP16-exact row scales (out,), FP16-exact codebook (256, dim)) for w (out, in), scales and codebook in turn."""
+    """(FP16-exact row scales (out,), codebook (256, dim) exact on its stored int8 grid) for w (out, in), scales
+    and codebook in turn."""
     out, in_ = w.shape
     cw = np.ones(in_) if col_weight is None else col_weight / max(float(np.mean(col_weight)), 1e-300)
     run_weight = np.tile(cw.reshape(-1, dim).mean(axis=1), out)
@@ -84,7 +86,7 @@ def fit(w: np.ndarray, dim: int, col_weight: np.ndarray | None, seed: int) -> tu
     book = None
     for _ in range(ALTERNATIONS):
         runs = (w / scales[:, None]).reshape(-1, dim)
-        book = _half(kmeans(runs, run_weight, seed, book))
+        book = _on_int8_grid(kmeans(runs, run_weight, seed, book))
         values = book[nearest(runs, book)].reshape(out, in_)
         new = _half(grid.row_scales(w, values, cw))
         scales = np.where(new > 0, new, scales)
@@ -93,6 +95,19 @@ def fit(w: np.ndarray, dim: int, col_weight: np.ndarray | None, seed: int) -> tu
 
 def _half(x: np.ndarray) -> np.ndarray:
     return np.asarray(x).astype(np.float16).astype(np.float64)
+
+
+def _on_int8_grid(book: np.ndarray) -> np.ndarray:
+    """The codebook as it will be stored (int8 times an FP16 step), in float64."""
+    step = book_step(book)
+    return book_ints(book, step).astype(np.float64) * float(step)
+
+
+def run_order(diag: np.ndarray, dim: int) -> np.ndarray:
+    """Column order for act-order LDLQ that keeps each run of dim columns whole: runs by descending Hessian
+    energy. A permutation inside a run would change which weights a code covers, so runs move as blocks."""
+    runs = np.argsort(-diag.reshape(-1, dim).sum(axis=1), kind="stable")
+    return (runs[:, None] * dim + np.arange(dim)).ravel()
 
 
 def codes_of(w: np.ndarray, scales: np.ndarray, book: np.ndarray) -> np.ndarray:
@@ -124,15 +139,21 @@ def ldlq(w: np.ndarray, h: np.ndarray, u: np.ndarray, scales: np.ndarray,
 
 
 def quantize(w: np.ndarray, h: np.ndarray | None = None, name: str = "", dim: int = 4, rotate: bool = True,
-             error_feedback: bool = True, seed: int = 0) -> tuple[PackedVQ, MatrixStats]:
+             error_feedback: bool = True, act_order: bool = False, seed: int = 0) -> tuple[PackedVQ, MatrixStats]:
     """Rotate, fit scales and codebook, code the runs (LDLQ when a Hessian is given and error_feedback), pack."""
     t0 = time.perf_counter()
     VQKnobs(dim=dim)  # the one check of dim
     if w.shape[1] % dim:
         raise ValueError(f"{w.shape[1]} input columns are not a multiple of --dim {dim}")
-    rot, wr, (hr, u, _) = rotated_problem(w, h, name, seed, rotate, error_feedback, False)
+    rot, wr, (hr, u, _) = rotated_problem(w, h, name, seed, rotate, error_feedback and not act_order, False)
     scales, book = fit(wr, dim, None if hr is None else np.diag(hr).copy(), rotation_seed(seed, name + ":vq"))
-    if hr is not None and error_feedback:
+    if hr is not None and error_feedback and act_order:
+        order = run_order(np.diag(hr), dim)
+        ho = hr[np.ix_(order, order)]
+        coded, scales = ldlq(wr[:, order], ho, inverse_hessian_factor(ho)[0], scales, book)
+        codes = np.empty_like(coded)
+        codes[:, order[::dim] // dim] = coded
+    elif hr is not None and error_feedback:
         codes, scales = ldlq(wr, hr, u, scales, book)
     else:
         codes = codes_of(wr, scales, book)
