@@ -62,7 +62,7 @@ def quantize(w: np.ndarray, h: np.ndarray | None, r: dict, name: str) -> tuple[n
     grid.REFIT_ROUNDS = r.get("rounds", DEFAULT_ROUNDS)
     if r.get("vq"):  # a 256-entry codebook for runs of vq weights (8 / vq bits per weight)
         packed, _ = sage_vq.quantize(w, h, name, dim=r["vq"], rotate=bool(r.get("rot", 1)),
-                                     error_feedback=bool(r.get("ldlq", 0)))
+                                     error_feedback=bool(r.get("ldlq", 0)), act_order=bool(r.get("order", 0)))
         return packed.unpack().astype(np.float32), packed.nbytes
     packed, _ = sage_grid.quantize(w, h, name, r["bits"], rotate=bool(r.get("rot", 1)),
                                    row_scale=bool(r.get("rowscale", 1)),
