@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import typer
@@ -23,16 +23,12 @@ from sagekit.cli.common import (
     out,
     progress,
 )
+from sagekit.cli.knobs import CALIB, GRID, UNSET, with_knob_options
 from sagekit.errors import SagekitError
-
-GRID, PAPER, CALIB, BASE = ("sage grid recipe (default)", "sage paper recipe (--recipe paper)", "calibration",
-                             "baselines (--method rtn, q1, billm, pbllm, gptq)")  # --help panels
-# Method options default to None ("not given"): the method's knobs dataclass (sagekit.quant.registry) holds
-# the defaults, and an option given to a method that has no such knob is a one-line error.
-UNSET = dict(show_default=False)
 
 
 @app.command()
+@with_knob_options
 def compress(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP.replace("or a sagekit compressed folder", "")),
     out_dir: Path = typer.Argument(Path("sagekit-out"), help="Folder to create for the packed model."),
@@ -43,53 +39,10 @@ def compress(
                                          "same with a 256-entry codebook per matrix for runs of --dim weights) or "
                                          "paper (the paper's binary + salient reconstruction, which the knobs of "
                                          "its panel steer).", rich_help_panel=GRID, **UNSET),
-    dim: Optional[int] = typer.Option(None, help="sage vq: weights per one-byte codeword, 2, 3, 4, 6 or 8 "
-                                      "[4 = 2 bits per weight].", rich_help_panel=GRID, **UNSET),
-    bits: Optional[int] = typer.Option(None, min=1, max=8, help="Bits per weight of every matrix: sage grid "
-                                       "[5; with --target-bpw they are solved per matrix instead] and gptq [4].",
-                                       rich_help_panel=GRID, **UNSET),
-    rotate: Optional[bool] = typer.Option(None, "--rotate/--no-rotate", help="sage grid: rotate each weight's input "
-                                          "side (seeded Kronecker rotation) before quantising [on]; --no-rotate is "
-                                          "an ablation.", rich_help_panel=GRID, **UNSET),
-    row_scale: Optional[bool] = typer.Option(None, "--row-scale/--no-row-scale", help="sage grid: one FP16 scale "
-                                             "per row [on]; --no-row-scale keeps one scale for the whole matrix (an "
-                                             "ablation).", rich_help_panel=GRID, **UNSET),
-    levels: Optional[str] = typer.Option(None, help="sage grid: lloyd [default] (levels fitted to each matrix) or "
-                                         "uniform.", rich_help_panel=GRID, **UNSET),
-    error_feedback: Optional[bool] = typer.Option(None, "--error-feedback/--no-error-feedback", help="sage grid "
-                                                  "and vq with --calib: round codes by LDLQ, pushing each column's error "
-                                                  "onto the columns not yet rounded [on].", rich_help_panel=GRID,
-                                                  **UNSET),
-    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="sage grid and vq "
-                                             "with --calib: LDLQ rounds the columns (vq: whole runs) in descending "
-                                             "order of the Hessian's diagonal (GPTQ's act-order) [on].", rich_help_panel=GRID, **UNSET),
-    salient_bits: Optional[int] = typer.Option(None, min=2, max=8, help="Bits of each salient weight's correction "
-                                               "[4].", rich_help_panel=PAPER, **UNSET),
-    max_salient: Optional[float] = typer.Option(None, min=0.0, max=0.5, help="Largest salient fraction p the "
-                                                "per-matrix threshold search may choose [0.05].", rich_help_panel=PAPER,
-                                                **UNSET),
     target_bpw: Optional[float] = typer.Option(None, min=1.0, help="Land the decoder linear layers' TRUE bits "
                                                "per weight here. grid: each matrix's bits are allocated (fractional "
                                                "targets mix bit widths); paper: one rate penalty is solved, and the "
                                                "rate term chooses the group count (1, 2, 4, 8)."),
-    rate_penalty: Optional[float] = typer.Option(None, min=0.0, help="lambda in relative_error + lambda * "
-                                                 "true_bits, minimised per matrix [0.2] (ignored with --target-bpw).",
-                                                 rich_help_panel=PAPER, **UNSET),
-    group_select: Optional[str] = typer.Option(None, help="How each matrix's group count G is chosen: silhouette "
-                                               "[default] (the paper) or rate (the rate-distortion objective).",
-                                               rich_help_panel=PAPER, **UNSET),
-    n_sub: Optional[int] = typer.Option(None, min=16, help="Unsalient |w| values sampled for the kNN graph [2048].",
-                                        rich_help_panel=PAPER, **UNSET),
-    knn: Optional[int] = typer.Option(None, min=1, help="Neighbours per node in the kNN graph [10].",
-                                      rich_help_panel=PAPER, **UNSET),
-    max_groups: Optional[int] = typer.Option(None, min=1, max=8, help="Largest group count the spectral "
-                                             "clustering tries [8].", rich_help_panel=PAPER, **UNSET),
-    seed: Optional[int] = typer.Option(None, help="sage: seed of every random choice [0]; the same seed gives "
-                                       "byte-identical files.", **UNSET),
-    saliency: Optional[str] = typer.Option(None, help="sage paper: how salient weights are ranked: magnitude "
-                                           "[default] (the paper: |w - mean|) or hessian (|w - mean| x the RMS of "
-                                           "its input over the calibration windows; needs --calib, beyond the "
-                                           "paper).", rich_help_panel=PAPER, **UNSET),
     skip: Optional[str] = typer.Option(None, help="Regex of linear names to keep in FP16, "
                                        "e.g. 'layers\\.0\\.|down_proj'."),
     workers: int = typer.Option(1, min=1, help="Processes quantising matrices in parallel (same output bytes)."),
@@ -105,58 +58,55 @@ def compress(
                                     "calibration; a second forward pass per layer). Experimental: on the demo "
                                     "model at 2 bits it made perplexity 7x worse (docs/RESULTS.md).",
                                     rich_help_panel=CALIB),
-    pbllm_fraction: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="pbllm: fraction of weights kept "
-                                                   "as 8-bit integers (the rest are binarised) [0.1].",
-                                                   rich_help_panel=BASE, **UNSET),
-    damp: Optional[float] = typer.Option(None, min=0.0, help="billm/pbllm/gptq: damping added to the Hessian "
-                                         "diagonal, as a fraction of its mean [0.01].", rich_help_panel=BASE, **UNSET),
     device: str = typer.Option("auto", help=DEVICE_HELP + " Used by the calibration passes."),
     force: bool = typer.Option(False, help="Replace OUT_DIR if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json's totals as one JSON object on stdout."),
+    **knobs: Any,
 ) -> None:
     """Compress the decoder linear layers (SAGE-PTQ or a baseline) into a packed folder (report.json inside)."""
     from sagekit.quant import registry
     from sagekit.quant.calibration import CalibOptions
     from sagekit.quant.compress import CompressOptions
-    from sagekit.quant.compress import compress as run
 
     with _user_errors():
         src = _resolve(model)
-        given = {"bits": bits, "dim": dim, "rotate": rotate, "row_scale": row_scale, "levels": levels,
-                 "error_feedback": error_feedback, "act_order": act_order, "salient_bits": salient_bits, "max_salient": max_salient,
-                 "rate_penalty": rate_penalty, "group_select": group_select, "n_sub": n_sub, "knn": knn,
-                 "max_groups": max_groups, "seed": seed, "saliency": saliency, "pbllm_fraction": pbllm_fraction,
-                 "damp": damp}
         name = registry.resolve(method, recipe)
-        knobs = registry.get(name).make_knobs({k: v for k, v in given.items() if v is not None})
+        knobs = registry.get(name).make_knobs({k: v for k, v in knobs.items() if v is not None})
         if fp_targets and not calib:
             raise SagekitError("--fp-targets changes how calibration fits each layer: pass --calib FILE too")
         calib_opts = CalibOptions(calib, calib_samples, calib_seqlen, calib_seed, fp_targets) if calib else None
         opts = CompressOptions(method=name, knobs=knobs, target_bpw=target_bpw, skip=skip, workers=workers,
                                calib=calib_opts, device=device)
-        with progress() as bar:
-            task = None
-
-            def on_start(phase: str, n: int) -> None:
-                nonlocal task
-                task = bar.add_task(phase, total=n)
-
-            def on_step(st) -> None:
-                bar.advance(task)
-                if st is not None and not json_out:
-                    bar.console.print(
-                        f"{st.name:34s} {st.shape[0]:>6d}x{st.shape[1]:<6d} salient {100 * st.salient_fraction:5.2f}% "
-                        f"G={st.groups} paper {st.paper_bits:.3f} true {st.true_bits:.3f} bpw "
-                        f"err {st.rel_error:.4f} {st.seconds:5.2f}s", highlight=False)
-
-            def on_note(line: str) -> None:
-                bar.console.print(f"[yellow]{line}[/]", highlight=False)
-
-            report = run(src, out_dir, opts, force=force, on_start=on_start, on_step=on_step, on_note=on_note)
+        report = _run_with_progress(src, out_dir, opts, force, quiet=json_out)
         if json_out:
             print(json.dumps({"out_dir": str(out_dir), **report["totals"]}))
             return
         out.print(_summary_table(report, out_dir))
+
+
+def _run_with_progress(src: Path, out_dir: Path, opts: Any, force: bool, quiet: bool) -> dict:
+    """quant.compress.compress under a progress bar, one line per matrix unless quiet; the report."""
+    from sagekit.quant.compress import compress as run
+
+    with progress() as bar:
+        task = None
+
+        def on_start(phase: str, n: int) -> None:
+            nonlocal task
+            task = bar.add_task(phase, total=n)
+
+        def on_step(st) -> None:
+            bar.advance(task)
+            if st is not None and not quiet:
+                bar.console.print(
+                    f"{st.name:34s} {st.shape[0]:>6d}x{st.shape[1]:<6d} salient {100 * st.salient_fraction:5.2f}% "
+                    f"G={st.groups} paper {st.paper_bits:.3f} true {st.true_bits:.3f} bpw "
+                    f"err {st.rel_error:.4f} {st.seconds:5.2f}s", highlight=False)
+
+        def on_note(line: str) -> None:
+            bar.console.print(f"[yellow]{line}[/]", highlight=False)
+
+        return run(src, out_dir, opts, force=force, on_start=on_start, on_step=on_step, on_note=on_note)
 
 
 def _summary_table(report: dict, out_dir: Path) -> Table:

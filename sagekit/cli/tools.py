@@ -119,24 +119,30 @@ def bench(
         pair = load_pair(Path(model), be, n) if model else random_pair(shape, be, n, layers, groups, salient)
         matrices = matrix_speed(pair, repeats)
         speeds = pair_speed(pair, decode_tokens, prefill_tokens, rounds)
-        decode, prefill = speeds["decode_tok_s"], speeds["prefill_tok_s"]
-        dense_decode, dense_prefill = speeds["dense_decode_tok_s"], speeds["dense_prefill_tok_s"]
         peak, peak_source = peak_bandwidth(be)
         result = {"device": be.describe(), "model": model or shape, "peak_gbps": peak, "peak_source": peak_source,
                   "matrices": matrices, **speeds}
         if json_out:
             print(json.dumps(result))
             return
-        t = Table("matrix", "shape", "packed ms", "dense ms", "speedup", "GB/s", "% peak",
-                  title=f"{result['model']} on {result['device']} (peak {peak:.0f} GB/s, {peak_source})")
-        for m in matrices:
-            t.add_row(m["name"], "x".join(map(str, m["shape"])), f"{m['ms']:.3f}", f"{m['dense_ms']:.3f}",
-                      f"{m['speedup']:.2f}x", f"{m['gbps']:.1f}", f"{100 * m['peak_fraction']:.1f}")
-        out.print(t)
-        depth, dense_depth = speeds["decode_depth_tok_s"], speeds["dense_decode_depth_tok_s"]
-        out.print(f"decode  {decode:8.1f} tok/s packed  {dense_decode:8.1f} tok/s dense  "
-                  f"({decode / dense_decode:.2f}x, {decode_tokens} tokens from an empty cache)")
-        out.print(f"decode  {depth:8.1f} tok/s packed  {dense_depth:8.1f} tok/s dense  "
-                  f"({depth / dense_depth:.2f}x, {decode_tokens} tokens after the {prefill_tokens}-token prompt)")
-        out.print(f"prefill {prefill:8.1f} tok/s packed  {dense_prefill:8.1f} tok/s dense  "
-                  f"({prefill / dense_prefill:.2f}x, {prefill_tokens} tokens)")
+        _print_bench(result, decode_tokens, prefill_tokens)
+
+
+def _print_bench(result: dict, decode_tokens: int, prefill_tokens: int) -> None:
+    """bench's per-matrix table and its three decode/prefill lines."""
+    matrices, peak, peak_source = result["matrices"], result["peak_gbps"], result["peak_source"]
+    decode, prefill = result["decode_tok_s"], result["prefill_tok_s"]
+    dense_decode, dense_prefill = result["dense_decode_tok_s"], result["dense_prefill_tok_s"]
+    t = Table("matrix", "shape", "packed ms", "dense ms", "speedup", "GB/s", "% peak",
+              title=f"{result['model']} on {result['device']} (peak {peak:.0f} GB/s, {peak_source})")
+    for m in matrices:
+        t.add_row(m["name"], "x".join(map(str, m["shape"])), f"{m['ms']:.3f}", f"{m['dense_ms']:.3f}",
+                  f"{m['speedup']:.2f}x", f"{m['gbps']:.1f}", f"{100 * m['peak_fraction']:.1f}")
+    out.print(t)
+    depth, dense_depth = result["decode_depth_tok_s"], result["dense_decode_depth_tok_s"]
+    out.print(f"decode  {decode:8.1f} tok/s packed  {dense_decode:8.1f} tok/s dense  "
+              f"({decode / dense_decode:.2f}x, {decode_tokens} tokens from an empty cache)")
+    out.print(f"decode  {depth:8.1f} tok/s packed  {dense_depth:8.1f} tok/s dense  "
+              f"({depth / dense_depth:.2f}x, {decode_tokens} tokens after the {prefill_tokens}-token prompt)")
+    out.print(f"prefill {prefill:8.1f} tok/s packed  {dense_prefill:8.1f} tok/s dense  "
+              f"({prefill / dense_prefill:.2f}x, {prefill_tokens} tokens)")
