@@ -43,6 +43,9 @@ def compress(
                                                "per weight here. grid: each matrix's bits are allocated (fractional "
                                                "targets mix bit widths); paper: one rate penalty is solved, and the "
                                                "rate term chooses the group count (1, 2, 4, 8)."),
+    head_bits: int = typer.Option(16, help="Bits of the token embedding and lm_head (tied on the demo model: "
+                                  "21% of its weights), packed with the grid recipe, data-free: 2 to 8, or 16 to "
+                                  "keep them FP16."),
     skip: Optional[str] = typer.Option(None, help="Regex of linear names to keep in FP16, "
                                        "e.g. 'layers\\.0\\.|down_proj'."),
     workers: int = typer.Option(1, min=1, help="Processes quantising matrices in parallel (same output bytes)."),
@@ -76,7 +79,7 @@ def compress(
             raise SagekitError("--fp-targets changes how calibration fits each layer: pass --calib FILE too")
         calib_opts = CalibOptions(calib, calib_samples, calib_seqlen, calib_seed, fp_targets) if calib else None
         opts = CompressOptions(method=name, knobs=knobs, target_bpw=target_bpw, skip=skip, workers=workers,
-                               calib=calib_opts, device=device)
+                               calib=calib_opts, device=device, head_bits=head_bits)
         report = _run_with_progress(src, out_dir, opts, force, quiet=json_out)
         if json_out:
             print(json.dumps({"out_dir": str(out_dir), **report["totals"]}))

@@ -19,7 +19,7 @@ from sagekit.backend import Backend
 from sagekit.format.config import LlamaConfig
 from sagekit.format.sage import random_packed
 from sagekit.io.synthetic import SHAPES, llama_config
-from sagekit.model.linear import DenseLinear, HalfLinear, Linear, SageLinear
+from sagekit.model.linear import DenseLinear, GridEmbedding, HalfLinear, Linear, SageLinear
 from sagekit.model.llama import Layer, Llama, Weights
 from sagekit.model.load import load_model
 
@@ -70,7 +70,7 @@ def _densify(model: Llama, max_seq_len: int) -> Llama:
 
     spec, w = model.config.arch.layer, model.weights
     layers = [dataclasses.replace(L, **{t.attr: dense(getattr(L, t.attr)) for t in spec.linears}) for L in w.layers]
-    embed = be.asarray(w.embed)
+    embed = be.asarray(w.embed.dense() if isinstance(w.embed, GridEmbedding) else w.embed)
     lm_head = DenseLinear(embed) if model.config.tie_embeddings else dense(w.lm_head)
     return Llama(model.config, be, Weights(embed, layers, w.norm, lm_head), max_seq_len)
 

@@ -77,6 +77,28 @@ class GridLinear:
         return self.half.nbytes
 
 
+class GridEmbedding:
+    """Token rows of a packed embedding (sagekit.quant.head) read from its GridLinear: the FP16 rows of W R^T,
+    the rotation undone per row looked up. Tied to lm_head, the two share one FP16 copy."""
+
+    def __init__(self, lin: GridLinear, seed: int | None):
+        self.lin, self.seed = lin, seed
+
+    def __getitem__(self, tokens: Any) -> np.ndarray:
+        from sagekit.format import rotation
+
+        rows = self.lin.half.weight[np.asarray(tokens)].astype(np.float32)
+        return rows if self.seed is None else rotation.unrotate(rows, self.seed)
+
+    def dense(self) -> np.ndarray:
+        """float32 (vocab, dim): every row, for a dense twin."""
+        return self[np.arange(self.lin.out_features)]
+
+    @property
+    def nbytes(self) -> int:
+        return self.lin.nbytes
+
+
 class SageLinear:
     """A SAGE-packed weight run by the packed kernels (Numba on CPU, CUDA on GPU); never made dense.
 

@@ -18,7 +18,15 @@ from sagekit.format.sage_grid import PackedGrid
 from sagekit.format.sage_vq import PackedVQ
 from sagekit.io import packed
 from sagekit.io.checkpoint import Checkpoint
-from sagekit.model.linear import DenseLinear, DequantLinear, GridLinear, HalfLinear, Linear, SageLinear
+from sagekit.model.linear import (
+    DenseLinear,
+    DequantLinear,
+    GridEmbedding,
+    GridLinear,
+    HalfLinear,
+    Linear,
+    SageLinear,
+)
 from sagekit.model.llama import Layer, Llama, Weights
 
 
@@ -49,7 +57,12 @@ def load_layer(ckpt: Checkpoint, i: int, backend: Backend, kernels: bool = True)
 
 def load_embedding(ckpt: Checkpoint, backend: Backend) -> Any:
     """The embedding table; a compressed model keeps its FP16 embedding as FP16 on the CPU too (the GPU
-    backend does anyway)."""
+    backend does anyway). A packed one (--head-bits) is a GridEmbedding on the CPU, dequantised on the GPU."""
+    if packed.is_packed(ckpt, EMBED):
+        layout = packed.read_packed(ckpt, EMBED)
+        if backend.is_gpu or not isinstance(layout, PackedGrid):
+            return backend.asarray(layout.unpack().astype(np.float32))
+        return GridEmbedding(GridLinear(layout), None if layout.rot is None else int(layout.rot[0]))
     if ckpt.quantization is not None and not backend.is_gpu:
         return ckpt.float32(f"{EMBED}.weight").astype(np.float16)
     return backend.asarray(ckpt.float32(f"{EMBED}.weight"))
@@ -65,7 +78,9 @@ def load_model(path: str | Path, backend: Backend, max_seq_len: int, kernels: bo
         layers = [load_layer(ckpt, i, backend, kernels) for i in range(c.n_layers)]
         embed = load_embedding(ckpt, backend)
         half = ckpt.quantization is not None and not backend.is_gpu  # FP16 stays FP16, as the embedding
-        if c.tie_embeddings:
+        if c.tie_embeddings and isinstance(embed, GridEmbedding):
+            lm_head = embed.lin
+        elif c.tie_embeddings:
             lm_head = HalfLinear(embed) if half else DenseLinear(embed)
         elif half and not packed.is_packed(ckpt, HEAD):
             lm_head = HalfLinear(ckpt.float32(f"{HEAD}.weight").astype(np.float16))

@@ -28,7 +28,8 @@ from sagekit.io.atomic import check_output_dir
 from sagekit.io.checkpoint import Checkpoint
 from sagekit.io.partial import PartialStore, file_fingerprint
 from sagekit.model.tokenizer import load_tokenizer
-from sagekit.quant import registry
+from sagekit.quant import head, registry
+from sagekit.quant.head import head_names, quantize_head
 from sagekit.quant.calibration import CalibOptions, LayerwiseCalibration, calibration_windows
 from sagekit.quant.folder import FolderSpec, write_folder
 from sagekit.quant.pool import init_worker, map_weights, read_weight, worker_checkpoint
@@ -43,6 +44,7 @@ class CompressOptions:
     workers: int = 1
     calib: CalibOptions | None = None
     device: str = "cpu"  # where the calibration forward passes run
+    head_bits: int = head.FP16  # the embedding / lm_head: 16 keeps FP16, 2-8 packs it (sagekit.quant.head)
 
     def resolve(self) -> tuple[registry.Method, Any]:
         method = registry.get(self.method)
@@ -67,6 +69,8 @@ def check_options(opts: CompressOptions) -> tuple[registry.Method, Any]:
         users = [registry.cli_label(n) for n in registry.MODULES if registry.get(n).calibration != "none"]
         raise SagekitError(f"--method {label} uses the weights only here; --calib applies to {', '.join(users)} "
                            "(and to sage --recipe paper --saliency hessian)")
+    if opts.head_bits != head.FP16 and not 2 <= opts.head_bits <= 8:
+        raise SagekitError(f"--head-bits must be 2 to 8, or 16 for an FP16 head; not {opts.head_bits}")
     if opts.target_bpw is not None and method.plan is None:
         steered = sorted({n.split("-")[0] for n in registry.MODULES if registry.get(n).plan is not None})
         raise SagekitError(f"--target-bpw applies to --method {', '.join(steered)} only")
@@ -108,8 +112,9 @@ def compress(src: Path, out_dir: Path, opts: CompressOptions, force: bool = Fals
             on_note(f"resuming: {len(run.store)} of {len(run.names)} matrices already done in {run.store.path}")
         try:
             stats = run.quantize(on_start, on_step)
+            head_stats = run.quantize_head(on_step)
             report = write_folder(ckpt, run.store, out_dir, run.folder_spec(), stats, force,
-                                  time.perf_counter() - t_start)
+                                  time.perf_counter() - t_start, head_stats)
         except KeyboardInterrupt:
             if on_note:
                 on_note(f"{len(run.store)} finished matrices kept in {run.store.path}: run the same command again "
@@ -131,7 +136,7 @@ def _fingerprint(ckpt: Checkpoint, opts: CompressOptions, knobs: Any) -> dict[st
     if opts.calib is not None:
         inputs.append(Path(opts.calib.path))
     return {"sagekit_version": __version__, "method": opts.method, "knobs": asdict(knobs),
-            "target_bpw": opts.target_bpw, "skip": opts.skip,
+            "target_bpw": opts.target_bpw, "skip": opts.skip, "head_bits": opts.head_bits,
             "calib": opts.calib.to_dict() if opts.calib else None, "inputs": file_fingerprint(inputs)}
 
 
@@ -142,6 +147,7 @@ class _Run:
                  store: PartialStore):
         self.src, self.ckpt, self.opts, self.method, self.knobs, self.store = src, ckpt, opts, method, knobs, store
         self.names, self.skipped = linear_names(ckpt.config, opts.skip)
+        self.head = head_names(ckpt.config) if opts.head_bits != head.FP16 else []
         self.plan: dict[str, Any] = {}
         self.calib: LayerwiseCalibration | None = None
         self.resumed = len(store)
@@ -177,7 +183,7 @@ class _Run:
         self.plan = self._make_plan(on_start, on_step)
         self.knobs = dataclasses.replace(self.knobs, **self.plan.get("knobs", {}))
         if on_start:
-            on_start("quantize", len(self.names))
+            on_start("quantize", len(self.names) + len(self.head))
         stats = {n: _stats(store.get(n)[1]) for n in self.names if n in store}
         for st in stats.values():
             if on_step:
@@ -200,6 +206,17 @@ class _Run:
             if on_step:
                 on_step(st)
         return [stats[n] for n in self.names]
+
+    def quantize_head(self, on_step: Callable | None) -> list[MatrixStats]:
+        """The embedding (and an untied lm_head) at --head-bits, kept in the store like the linears."""
+        for name in self.head:
+            if name not in self.store:
+                w = self.ckpt.float32(name + ".weight")
+                arrays, st = quantize_head(w, name, self.opts.head_bits, getattr(self.knobs, "seed", 0) or 0)
+                self.store.put(name, arrays, asdict(st))
+                if on_step:
+                    on_step(st)
+        return [_stats(self.store.get(n)[1]) for n in self.head]
 
     def _calibrated(self) -> Iterator[tuple[dict[str, np.ndarray], MatrixStats]]:
         """The layer-by-layer pass; matrices finished by an interrupted run are reused, not quantised again
@@ -229,7 +246,7 @@ class _Run:
         if self.calib is not None:
             report_extra["calibration"] = {**calib, "forward_seconds": self.calib.forward_seconds}
         return FolderSpec(self.method.name, self.method.layout, asdict(self.knobs), extra, self.names, self.skipped,
-                          report_extra)
+                          report_extra, self.opts.head_bits)
 
 
 def _stats(d: dict[str, Any]) -> MatrixStats:

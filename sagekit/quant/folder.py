@@ -10,11 +10,13 @@ from typing import Any
 
 import numpy as np
 
+from sagekit.format.architecture import EMBED, HEAD
 from sagekit.format.stats import MatrixStats
 from sagekit.io.atomic import atomic_folder
 from sagekit.io.checkpoint import Checkpoint, copy_tokenizer_files
 from sagekit.io.packed import ShardWriter, quantization_config
 from sagekit.io.partial import PartialStore
+from sagekit.quant.head import LAYOUT as HEAD_LAYOUT
 
 
 @dataclass
@@ -28,23 +30,27 @@ class FolderSpec:
     names: list[str]
     skipped: list[str]
     report_extra: dict[str, Any]  # appended to report.json: resumed_matrices, calibration
+    head_bits: int = 16  # the embedding / lm_head; below 16 the store holds them packed (sagekit.quant.head)
 
 
 def write_folder(ckpt: Checkpoint, store: PartialStore, out_dir: Path, spec: FolderSpec, stats: list[MatrixStats],
-                 force: bool, seconds: float) -> dict[str, Any]:
+                 force: bool, seconds: float, head_stats: list[MatrixStats] = ()) -> dict[str, Any]:
     """Write OUT_DIR atomically from the stored matrices and the tensors that stay FP16; returns the report."""
     cfg = ckpt.config
+    head_names = [s.name for s in head_stats]
     with atomic_folder(out_dir, force=force) as tmp:
         writer = ShardWriter(tmp)
-        for name in spec.names:
+        for name in spec.names + head_names:
             for field_name, a in store.get(name)[0].items():
                 writer.add(f"{name}.{field_name}", a)
-        quantised = set(spec.names)
+        quantised = set(spec.names + head_names)
         for name in ckpt.names():
             if name.removesuffix(".weight") not in quantised:
                 writer.add(name, ckpt.float32(name).astype(np.float16))
         file_bytes = writer.close()
         modules = {s.name: {"method": spec.method, "layout": spec.layout, "shape": list(s.shape)} for s in stats}
+        modules.update({s.name: {"method": HEAD_LAYOUT, "layout": HEAD_LAYOUT, "bits": spec.head_bits,
+                                  "shape": list(s.shape)} for s in head_stats})
         config = {**cfg.raw, "torch_dtype": "float16",
                   "quantization_config": quantization_config(spec.method, spec.knobs, modules, spec.extra)}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -52,6 +58,11 @@ def write_folder(ckpt: Checkpoint, store: PartialStore, out_dir: Path, spec: Fol
         skipped_weights = sum(int(np.prod(ckpt.file_of(n + ".weight").shape(n + ".weight"))) for n in spec.skipped)
         total_params = sum(int(np.prod(s)) for s in cfg.expected_shapes().values())
         report = {**_report(spec, stats, skipped_weights, file_bytes, total_params, seconds), **spec.report_extra}
+        report["totals"]["head_bits"] = spec.head_bits
+        report["totals"]["head_bytes"] = (sum(s.nbytes for s in head_stats) if head_stats else
+                                          2 * sum(int(np.prod(s)) for n, s in cfg.expected_shapes().items()
+                                                  if n.removesuffix(".weight") in (EMBED, HEAD)))
+        report["head"] = [asdict(s) for s in head_stats]
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 

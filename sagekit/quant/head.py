@@ -1,0 +1,30 @@
+"""The token embedding and lm_head at `--head-bits` (issue 14): the grid recipe, data-free.
+
+A tied embedding is the largest tensor of a small model (SmolLM2-135M: 28.3M of its 134.5M weights, 56.6 MB of
+a 73 MB 1.2-bit folder in FP16). It is stored with the `sage-grid` layout (one FP16 scale per vocabulary row,
+2^bits Lloyd levels, input-side rotation), the same bytes the decoder linears use; the model looks rows up
+through it and runs the lm_head GEMV on it. No Hessian: the calibration pass stops before the head.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sagekit.format.architecture import EMBED, HEAD
+from sagekit.format.config import LlamaConfig
+from sagekit.format.stats import MatrixStats
+from sagekit.quant import sage_grid
+
+LAYOUT = "sage-grid"
+FP16 = 16  # --head-bits 16 keeps the head as it was
+
+
+def head_names(config: LlamaConfig) -> list[str]:
+    """The tensors --head-bits packs: the embedding, and lm_head when it is not tied to it."""
+    return [EMBED] if config.tie_embeddings else [EMBED, HEAD]
+
+
+def quantize_head(w: np.ndarray, name: str, bits: int, seed: int) -> tuple[dict[str, np.ndarray], MatrixStats]:
+    """(stored arrays, stats) of one head tensor (vocab, dim) at `bits`."""
+    packed, stats = sage_grid.quantize(w, None, name, bits=bits, seed=seed)
+    return packed.arrays(), stats
