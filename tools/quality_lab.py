@@ -11,6 +11,7 @@ the FP16 model on calibration windows of wiki.valid.tokens (never the test text)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from sagekit.backend import get_backend
-from sagekit.format.architecture import LLAMA_LAYER
+from sagekit.format.architecture import EMBED, LLAMA_LAYER
 from sagekit.eval.perplexity import Tally, log_probs, windows
 from sagekit.io.checkpoint import Checkpoint
 from sagekit.io.demo import demo_model
@@ -26,9 +27,10 @@ from sagekit.io.text import read_text
 from sagekit.model.linear import DenseLinear
 from sagekit.model.load import load_model
 from sagekit.model.tokenizer import load_tokenizer
-from sagekit.format.sage_grid import grid_nbytes
+from sagekit.format.sage_grid import PackedGrid, grid_nbytes
 from sagekit.quant import gptq, grid, sage_grid, sage_vq
 from sagekit.quant.allocation import allocate
+from sagekit.quant.head import quantize_head
 from sagekit.quant.calibration import CalibOptions, calibration_windows, record_hessians
 
 DEFAULT_ROUNDS = grid.REFIT_ROUNDS
@@ -55,7 +57,8 @@ def quantize(w: np.ndarray, h: np.ndarray | None, r: dict, name: str) -> tuple[n
     """(W_hat float32, stored bytes) for one recipe r through sage_grid.quantize, the product's own code.
 
     Keys: bits, rot (default 1), rowscale (1), lloyd (1), ldlq (error feedback), rounds (LDLQ passes),
-    order (LDLQ in act-order), vq (codebook runs of that many weights instead of scalar levels), gptq."""
+    order (LDLQ in act-order), vq (codebook runs of that many weights instead of scalar levels), gptq.
+    Per model (main): head=B packs the tied embedding / lm_head at B bits, lin=0 leaves the linears FP16."""
     if r.get("gptq"):  # the calibrated peer: plain GPTQ, groups of 64, act-order
         packed, _ = gptq.quantize(w, h, name, r["bits"])
         return packed.unpack(), packed.nbytes
@@ -135,7 +138,16 @@ def main() -> None:
         if "target" in r:
             r["alloc"] = allocate(shapes, grid_nbytes, r["target"] / 100, sage_grid.sensitivity(shapes))
         layer_spec = model.config.arch.layer
-        for i, layer in enumerate(model.layers):
+        file_rest = other_bytes  # the FP16 embedding and norms, until head=B packs the embedding
+        if "head" in r:  # the tied embedding / lm_head at head=B bits (sagekit.quant.head), the product's code
+            e = np.asarray(model.weights.embed, np.float32)
+            arrays, _ = quantize_head(e, EMBED, r["head"], 0)
+            e_hat = PackedGrid.from_arrays(arrays, e.shape).unpack().astype(np.float32)
+            file_rest += sum(a.nbytes for a in arrays.values()) - 2 * e.size
+            model.weights = dataclasses.replace(model.weights, embed=e_hat, lm_head=DenseLinear(e_hat))
+        if not r.get("lin", 1):  # the linears stay FP16
+            stored, n_weights = 2 * sum(w.size for w in dense.values()), sum(w.size for w in dense.values())
+        for i, layer in enumerate(model.layers if r.get("lin", 1) else []):
             for t in layer_spec.linears:
                 suffix, name, norm = t.suffix, f"model.layers.{i}.{t.suffix}", layer_spec.norm_before(t.attr)
                 if "only" in r and CLASSES[r["only"]] != suffix.split(".")[-1]:
@@ -161,7 +173,8 @@ def main() -> None:
                 setattr(layer, t.attr, DenseLinear(w_hat))
         score(spec, model, wins, ref_lp, {"quant_s": round(time.perf_counter() - t0, 1),
                                           "true_bits": round(8 * stored / max(n_weights, 1), 4),
-                                          "file_bits": round(8 * (stored + other_bytes) / params, 4)})
+                                          "file_bits": round(8 * (stored + file_rest) / params, 4),
+                                          "file_mb": round((stored + file_rest) / 1e6, 2)})
 
 
 def ckpt_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
