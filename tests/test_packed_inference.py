@@ -70,5 +70,37 @@ def test_bench_json_has_every_documented_field():
     assert d["depth"] == 4 and d["decode_depth_tok_s"] > 0
     assert len(d["rounds"]["dense_decode"]) == 2 and d["decode_tok_s"] > 0
     m = d["matrices"][0]
-    assert {"name", "shape", "ms", "dense_ms", "gbps", "peak_fraction"} <= set(m)
+    assert {"name", "shape", "ms", "dense_ms", "bare_ms", "gbps", "peak_fraction", "flags"} <= set(m)
     assert m["gbps"] == pytest.approx(m["packed_bytes"] / (m["ms"] / 1e3) / 1e9)
+    assert m["bare_ms"] > 0 and isinstance(m["flags"], list)
+
+
+def test_bench_refuses_an_uncompressed_folder(tiny_model):
+    from typer.testing import CliRunner
+
+    from sagekit.cli import app
+
+    r = CliRunner().invoke(app, ["bench", str(tiny_model), "--device", "cpu"])
+    assert r.exit_code == 1 and "is not compressed" in r.output and "dense against dense" in r.output, r.output
+
+
+def test_bench_flags_a_dense_twin_slower_than_a_bare_matmul():
+    """A dense twin that sleeps is caught by the same-run bare matmul, not reported as a speedup."""
+    import time
+
+    from sagekit.backend import get_backend
+    from sagekit.eval.speed import matrix_speed, random_pair
+
+    pair = random_pair("tiny", get_backend("cpu"), 16, 1, 1, 0.01)
+    lin = pair.dense.layers[0].q
+
+    class Slow:
+        weight, in_features, out_features = lin.weight, lin.in_features, lin.out_features
+
+        def __call__(self, x):
+            time.sleep(0.002)
+            return lin(x)
+
+    pair.dense.layers[0].q = Slow()
+    q = next(m for m in matrix_speed(pair, 3) if m["name"].endswith("q_proj"))
+    assert any("slower than a bare matmul" in f for f in q["flags"])

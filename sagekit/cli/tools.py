@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from sagekit.cli.common import (
@@ -18,6 +19,7 @@ from sagekit.cli.common import (
     app,
     err,
     out,
+    progress,
 )
 from sagekit.errors import SagekitError
 
@@ -117,8 +119,11 @@ def bench(
         if shape is not None and shape not in BENCH_SHAPES:
             raise SagekitError(f"unknown --shape '{shape}': choose from {', '.join(sorted(BENCH_SHAPES))}")
         pair = load_pair(Path(model), be, n) if model else random_pair(shape, be, n, layers, groups, salient)
-        matrices = matrix_speed(pair, repeats)
-        speeds = pair_speed(pair, decode_tokens, prefill_tokens, rounds)
+        shapes = len({(lin.out_features, lin.in_features) for lin in pair.packed.layers[0].linears().values()})
+        with progress() as bar:
+            task = bar.add_task("bench: matrices, then decode/prefill rounds (packed, dense)", total=shapes + 2 * rounds)
+            matrices = matrix_speed(pair, repeats, lambda: bar.advance(task))
+            speeds = pair_speed(pair, decode_tokens, prefill_tokens, rounds, lambda: bar.advance(task))
         peak, peak_source = peak_bandwidth(be)
         result = {"device": be.describe(), "model": model or shape, "peak_gbps": peak, "peak_source": peak_source,
                   "matrices": matrices, **speeds}
@@ -139,6 +144,9 @@ def _print_bench(result: dict, decode_tokens: int, prefill_tokens: int) -> None:
         t.add_row(m["name"], "x".join(map(str, m["shape"])), f"{m['ms']:.3f}", f"{m['dense_ms']:.3f}",
                   f"{m['speedup']:.2f}x", f"{m['gbps']:.1f}", f"{100 * m['peak_fraction']:.1f}")
     out.print(t)
+    for m in matrices:
+        for flag in m["flags"]:
+            err.print(f"[yellow]warning:[/] {m['name']}: {escape(flag)}")
     depth, dense_depth = result["decode_depth_tok_s"], result["dense_decode_depth_tok_s"]
     out.print(f"decode  {decode:8.1f} tok/s packed  {dense_decode:8.1f} tok/s dense  "
               f"({decode / dense_decode:.2f}x, {decode_tokens} tokens from an empty cache)")

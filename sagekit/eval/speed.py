@@ -16,8 +16,10 @@ from typing import Any, Callable
 import numpy as np
 
 from sagekit.backend import Backend
+from sagekit.errors import SagekitError
 from sagekit.format.config import LlamaConfig
 from sagekit.format.sage import random_packed
+from sagekit.io.checkpoint import Checkpoint
 from sagekit.io.synthetic import SHAPES, llama_config
 from sagekit.model.linear import DenseLinear, GridEmbedding, HalfLinear, Linear, SageLinear
 from sagekit.model.llama import Layer, Llama, Weights
@@ -77,6 +79,10 @@ def _densify(model: Llama, max_seq_len: int) -> Llama:
 
 def load_pair(path: Path, backend: Backend, max_seq_len: int) -> ModelPair:
     """A compressed folder, run packed, and its dense twin (dequantised once, held dense)."""
+    with Checkpoint(path) as ckpt:
+        if ckpt.quantization is None:
+            raise SagekitError(f"{path} is not compressed: bench compares a packed model with its dense twin, "
+                               "so it would time dense against dense. Compress it first, or use --shape NAME")
     ref = load_model(path, backend, max_seq_len, kernels=False)
     return ModelPair(load_model(path, backend, max_seq_len), _densify(ref, max_seq_len))
 
@@ -103,8 +109,13 @@ def random_pair(shape: str, backend: Backend, max_seq_len: int, layers: int | No
                      Llama(c, backend, Weights(embed, dense_layers, norm, head), max_seq_len))
 
 
-def matrix_speed(pair: ModelPair, repeats: int) -> list[dict[str, Any]]:
-    """GEMV time of each distinct linear shape of the first layer, packed next to dense."""
+SUSPECT_DENSE = 1.5  # a dense twin this much slower than a bare matmul of its shape is not a fair baseline
+
+
+def matrix_speed(pair: ModelPair, repeats: int, on_step: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+    """GEMV time of each distinct linear shape of the first layer, packed next to dense, and next to a bare
+    `x @ W.T` on a fresh contiguous weight of the same shape and dtype: the check that the dense twin is
+    as fast as the backend's own matmul. `flags` names a figure that cannot be trusted."""
     be = pair.packed.backend
     peak, _ = peak_bandwidth(be)
     out, seen = [], set()
@@ -115,11 +126,22 @@ def matrix_speed(pair: ModelPair, repeats: int) -> list[dict[str, Any]]:
             continue
         seen.add(shape)
         x = be.asarray(np.random.default_rng(0).standard_normal((1, lin.in_features), dtype=np.float32))
+        dense = dense_by_name[name]
+        bare_w = be.xp.ascontiguousarray(be.xp.asarray(getattr(dense, "weight", be.xp.zeros(shape, be.xp.float32))))
         ms = 1e3 * _time(lambda: lin(x), be, repeats)
-        dense_ms = 1e3 * _time(lambda: dense_by_name[name](x), be, repeats)
+        dense_ms = 1e3 * _time(lambda: dense(x), be, repeats)
+        bare_ms = 1e3 * _time(lambda: x.astype(bare_w.dtype) @ bare_w.T, be, repeats)
         gbps = lin.nbytes / (ms / 1e3) / 1e9
-        out.append({"name": name, "shape": list(shape), "ms": ms, "dense_ms": dense_ms, "speedup": dense_ms / ms,
-                    "packed_bytes": lin.nbytes, "gbps": gbps, "peak_fraction": gbps / peak})
+        flags = []
+        if dense_ms > SUSPECT_DENSE * bare_ms:
+            flags.append(f"dense twin {dense_ms / bare_ms:.1f}x slower than a bare matmul of this shape")
+        if gbps > peak:
+            flags.append(f"{100 * gbps / peak:.0f}% of peak bandwidth: the packed weight stayed in cache")
+        out.append({"name": name, "shape": list(shape), "ms": ms, "dense_ms": dense_ms, "bare_ms": bare_ms,
+                    "speedup": dense_ms / ms, "packed_bytes": lin.nbytes, "gbps": gbps, "peak_fraction": gbps / peak,
+                    "flags": flags})
+        if on_step:
+            on_step()
     return out
 
 
@@ -147,7 +169,8 @@ def model_speed(model: Llama, decode_tokens: int, prefill_tokens: int) -> tuple[
     return decode, prefill, _decode(model, tokens[prefill_tokens:], prefill_tokens)
 
 
-def pair_speed(pair: ModelPair, decode_tokens: int, prefill_tokens: int, rounds: int) -> dict[str, Any]:
+def pair_speed(pair: ModelPair, decode_tokens: int, prefill_tokens: int, rounds: int,
+               on_step: Callable[[], None] | None = None) -> dict[str, Any]:
     """Decode, prefill and decode-at-depth tok/s of both models, alternating packed and dense `rounds` times
     so that a noisy machine slows both alike; medians, and every round's figures for the record."""
     keys = ("decode", "prefill", "decode_depth")
@@ -156,6 +179,8 @@ def pair_speed(pair: ModelPair, decode_tokens: int, prefill_tokens: int, rounds:
         for prefix, model in (("", pair.packed), ("dense_", pair.dense)):
             for k, v in zip(keys, model_speed(model, decode_tokens, prefill_tokens)):
                 runs[prefix + k].append(v)
+            if on_step:
+                on_step()
     out: dict[str, Any] = {f"{k}_tok_s": float(np.median(v)) for k, v in runs.items()}
     out["depth"] = prefill_tokens
     out["rounds"] = runs
