@@ -126,11 +126,16 @@ def main() -> None:
     params = sum(int(np.prod(s)) for s in ckpt_shapes(folder).values())
     other_bytes = 2 * (params - sum(w.size for w in dense.values()))  # FP16 embedding and norms
     for spec in args.folder:  # packed folders made by `sagekit compress`, scored against the same reference
-        report = json.loads((Path(spec) / "report.json").read_text())["totals"]
-        model = load_model(spec, backend, 2048)
+        path, _, head_spec = spec.partition(",head=")  # PATH,head=B: its FP16 embedding / lm_head packed at B bits
+        report = json.loads((Path(path) / "report.json").read_text())["totals"]
+        model = load_model(path, backend, 2048)
+        file_bytes = report["file_bytes"]
+        if head_spec:
+            file_bytes += pack_head(model, int(head_spec))
         score(spec, model, wins, ref_lp, {"quant_s": round(report["seconds"], 1),
                                           "true_bits": round(report["linear_true_bpw"], 4),
-                                          "file_bits": round(report["file_true_bpw"], 4)})
+                                          "file_bits": round(8 * file_bytes / report["parameters"], 4),
+                                          "file_mb": round(file_bytes / 1e6, 2)})
     for spec, r in zip(args.recipe, recipes):
         t0 = time.perf_counter()
         model = load_model(folder, backend, 2048)
@@ -139,12 +144,8 @@ def main() -> None:
             r["alloc"] = allocate(shapes, grid_nbytes, r["target"] / 100, sage_grid.sensitivity(shapes))
         layer_spec = model.config.arch.layer
         file_rest = other_bytes  # the FP16 embedding and norms, until head=B packs the embedding
-        if "head" in r:  # the tied embedding / lm_head at head=B bits (sagekit.quant.head), the product's code
-            e = np.asarray(model.weights.embed, np.float32)
-            arrays, _ = quantize_head(e, EMBED, r["head"], 0)
-            e_hat = PackedGrid.from_arrays(arrays, e.shape).unpack().astype(np.float32)
-            file_rest += sum(a.nbytes for a in arrays.values()) - 2 * e.size
-            model.weights = dataclasses.replace(model.weights, embed=e_hat, lm_head=DenseLinear(e_hat))
+        if "head" in r:
+            file_rest += pack_head(model, r["head"])
         if not r.get("lin", 1):  # the linears stay FP16
             stored, n_weights = 2 * sum(w.size for w in dense.values()), sum(w.size for w in dense.values())
         for i, layer in enumerate(model.layers if r.get("lin", 1) else []):
@@ -175,6 +176,16 @@ def main() -> None:
                                           "true_bits": round(8 * stored / max(n_weights, 1), 4),
                                           "file_bits": round(8 * (stored + file_rest) / params, 4),
                                           "file_mb": round((stored + file_rest) / 1e6, 2)})
+
+
+def pack_head(model, bits: int) -> int:
+    """Swap the model's tied FP16 embedding / lm_head for its `bits`-bit grid (sagekit.quant.head, the product's
+    code), dequantised; returns the change in stored bytes."""
+    e = np.asarray(model.weights.embed, np.float32)
+    arrays, _ = quantize_head(e, EMBED, bits, 0)
+    e_hat = PackedGrid.from_arrays(arrays, e.shape).unpack().astype(np.float32)
+    model.weights = dataclasses.replace(model.weights, embed=e_hat, lm_head=DenseLinear(e_hat))
+    return sum(a.nbytes for a in arrays.values()) - 2 * e.size
 
 
 def ckpt_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
