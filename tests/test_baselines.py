@@ -254,7 +254,7 @@ def test_corrupt_folder_gives_a_one_line_error(packed_dirs, tmp_path):
     (["--method", "rtn", "--calib", "CALIB"], "--calib applies to sage --recipe grid, sage --recipe vq, billm, pbllm, gptq"),
     (["--method", "rtn", "--bits", "3"], "--bits applies to --method sage --recipe grid"),
     (["--recipe", "paper", "--no-rotate"], "--rotate applies"),
-    (["--levels", "kmeans"], "--levels must be lloyd or uniform"),
+    (["--levels", "kmeans"], "--levels must be lloyd, uniform, symmetric"),
     (["--recipe", "paper", "--calib", "CALIB"], "--method sage --recipe paper uses the weights only"),  # the paper recipe is data-free
     (["--method", "q1", "--target-bpw", "1.5"], "sage only"),
     (["--method", "awq"], "unknown method"),

@@ -28,8 +28,8 @@ KNOB_OPTIONS: dict[str, tuple[Any, Any]] = {  # option name -> (type, typer opti
     "row_scale": (Optional[bool], typer.Option(None, "--row-scale/--no-row-scale", help="sage grid: one FP16 scale "
         "per row [on]; --no-row-scale keeps one scale for the whole matrix (an "
         "ablation).", rich_help_panel=GRID, **UNSET)),
-    "levels": (Optional[str], typer.Option(None, help="sage grid: lloyd [default] (levels fitted to each matrix) or "
-        "uniform.", rich_help_panel=GRID, **UNSET)),
+    "levels": (Optional[str], typer.Option(None, help="sage grid: lloyd [default] (levels fitted to each matrix), "
+        "symmetric (a sign times fitted magnitudes: runs on the packed LUT kernel on the CPU) or uniform.", rich_help_panel=GRID, **UNSET)),
     "error_feedback": (Optional[bool], typer.Option(None, "--error-feedback/--no-error-feedback", help="sage grid "
         "and vq with --calib: round codes by LDLQ, pushing each column's error "
         "onto the columns not yet rounded [on].", rich_help_panel=GRID,

@@ -18,6 +18,7 @@ import numpy as np
 
 from sagekit.format import rotation
 from sagekit.format.bits import n_words, pack_bits, unpack_bits
+from sagekit.format.sage import PackedSage
 from sagekit.format.checks import check_arrays, check_finite, check_padding, check_shape
 from sagekit.format.stored import StoredArrays
 
@@ -37,20 +38,44 @@ class PackedGrid(StoredArrays):
         return int(self.codes.shape[0])
 
 
-    def indices(self) -> np.ndarray:
-        """uint8 (out, in) level index of every weight."""
-        idx = np.zeros(self.shape, dtype=np.uint8)
+    def indices(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """uint8 (out, in) level index of every weight (of the given rows only, if any)."""
+        codes = self.codes if rows is None else self.codes[:, rows]
+        idx = np.zeros((codes.shape[1], self.shape[1]), dtype=np.uint8)
         for k in range(self.bits):
-            idx |= unpack_bits(self.codes[k], self.shape[1]).astype(np.uint8) << k
+            idx |= unpack_bits(codes[k], self.shape[1]).astype(np.uint8) << k
         return idx
 
-    def rotated(self) -> np.ndarray:
-        """float32 (out, in): the stored grid W R^T, before the rotation is undone."""
-        return self.scale.astype(np.float32)[:, None] * self.levels.astype(np.float32)[self.indices()]
+    def rotated(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """float32 (out, in): the stored grid W R^T (of the given rows only, if any), before the rotation is
+        undone."""
+        scale = self.scale if rows is None else self.scale[rows]
+        return scale.astype(np.float32)[:, None] * self.levels.astype(np.float32)[self.indices(rows)]
 
     def unpack(self) -> np.ndarray:
         grid = self.rotated()
         return grid if self.rot is None else rotation.unrotate(grid, int(self.rot[0]))
+
+    def as_sage(self) -> PackedSage | None:
+        """The codes as a `sage` matrix with no salient entries, when the levels are mirrored about 0 (the
+        `symmetric` levels): sign plane = the top code bit, group id = the magnitude index, alpha = the
+        positive levels, so levels[code] = (2 sign - 1) alpha[id] and the `sage` LUT kernel runs the product.
+        The row scales and the rotation stay outside it. None for levels of any other shape."""
+        b, half = self.bits, 1 << (self.bits - 1)
+        lv = self.levels
+        if not (np.array_equal(lv[half:], -lv[:half][::-1]) and np.all(lv[half:] > 0)):
+            return None
+        out, in_ = self.shape
+        top = self.codes[b - 1]
+        valid = np.full(top.shape[1], 0xFFFFFFFF, dtype=np.uint32)
+        if in_ % 32:
+            valid[-1] = (1 << (in_ % 32)) - 1
+        negative = ~top & valid  # a negative code's magnitude id is its low bits inverted
+        gid = self.codes[: b - 1] ^ negative[None]
+        arrays = {"sign": top, "gid": gid, "alpha": lv[half:].copy(), "sal_ptr": np.zeros(out + 1, np.int32),
+                  "sal_idx": np.zeros(0, np.uint16), "sal_val": np.zeros(0, np.int8),
+                  "sal_scale": np.zeros(out, np.float16)}
+        return PackedSage.from_arrays(arrays, self.shape)
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], shape: tuple[int, int]) -> PackedGrid:

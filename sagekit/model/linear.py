@@ -54,32 +54,47 @@ class HalfLinear:
 
 
 class GridLinear:
-    """The `sage-grid` layout on the CPU: its stored grid W R^T decoded once to FP16 at load, fed R x.
+    """The `sage-grid` and `sage-vq` layouts on the CPU, fed R x (the rotation: two small matmuls per input).
 
-    y = (s * levels[codes]) (R x): the rotation costs two small matmuls per input, the product runs in the
-    FP16 kernel. It holds 2 bytes per weight, not the packed codes: a stopgap until the layout has packed
-    kernels of its own, and far faster than dequantising every matrix on every call.
+    Grid levels mirrored about 0 (`--levels symmetric`) run on the packed `sage` LUT kernel: the codes are a
+    sign plane and magnitude-id planes (PackedGrid.as_sage), held at their stored size, and y is scaled per
+    row after. Other levels and codebooks are decoded once to FP16 at load, y = (s * levels[codes]) (R x) in
+    the FP16 kernel: 2 bytes per weight, a stopgap until those layouts have packed kernels of their own.
     """
 
-    def __init__(self, packed: Any):
+    def __init__(self, packed: Any, backend: Any = None):
         from sagekit.format import rotation
 
-        self.half = HalfLinear(packed.rotated().astype(np.float16))
+        self.packed = packed
         self.out_features, self.in_features = packed.shape
+        sage = packed.as_sage() if hasattr(packed, "as_sage") and backend is not None else None
+        if sage is not None and sage.n_groups <= 16:  # the CPU LUT kernel's limit (kernels.lut_matmul)
+            self.half, self.sage = None, SageLinear(sage, backend)
+            self._scale = packed.scale.astype(np.float32)
+        else:
+            self.half, self.sage = HalfLinear(packed.rotated().astype(np.float16)), None
         seed = None if packed.rot is None else int(packed.rot[0])
         self._rotate = (lambda x: x) if seed is None else (lambda x: rotation.rotate(x, seed))
 
     def __call__(self, x: Any) -> Any:
+        if self.sage is not None:
+            return self.sage(self._rotate(x)) * self._scale
         return self.half(self._rotate(x))
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        """float32 rows of the stored W R^T (the embedding lookup of a packed head)."""
+        if self.half is not None:
+            return self.half.weight[idx].astype(np.float32)
+        return self.packed.rotated(idx)
 
     @property
     def nbytes(self) -> int:
-        return self.half.nbytes
+        return self.half.nbytes if self.half is not None else self.sage.nbytes + self._scale.nbytes
 
 
 class GridEmbedding:
-    """Token rows of a packed embedding (sagekit.quant.head) read from its GridLinear: the FP16 rows of W R^T,
-    the rotation undone per row looked up. Tied to lm_head, the two share one FP16 copy."""
+    """Token rows of a packed embedding (sagekit.quant.head) read from its GridLinear: rows of W R^T, the
+    rotation undone per row looked up. Tied to lm_head, the two share one copy of the weights."""
 
     def __init__(self, lin: GridLinear, seed: int | None):
         self.lin, self.seed = lin, seed
@@ -87,7 +102,7 @@ class GridEmbedding:
     def __getitem__(self, tokens: Any) -> np.ndarray:
         from sagekit.format import rotation
 
-        rows = self.lin.half.weight[np.asarray(tokens)].astype(np.float32)
+        rows = self.lin.rows(np.asarray(tokens))
         return rows if self.seed is None else rotation.unrotate(rows, self.seed)
 
     def dense(self) -> np.ndarray:

@@ -38,7 +38,7 @@ def _linear(ckpt: Checkpoint, prefix: str, backend: Backend, kernels: bool) -> L
         if kernels and isinstance(layout, PackedSage):
             return SageLinear(layout, backend)
         if kernels and isinstance(layout, (PackedGrid, PackedVQ)) and not backend.is_gpu:
-            return GridLinear(layout)
+            return GridLinear(layout, backend)
         return DequantLinear(layout, backend)
     return DenseLinear(backend.asarray(ckpt.float32(prefix + ".weight")))
 
@@ -62,7 +62,7 @@ def load_embedding(ckpt: Checkpoint, backend: Backend) -> Any:
         layout = packed.read_packed(ckpt, EMBED)
         if backend.is_gpu or not isinstance(layout, PackedGrid):
             return backend.asarray(layout.unpack().astype(np.float32))
-        return GridEmbedding(GridLinear(layout), None if layout.rot is None else int(layout.rot[0]))
+        return GridEmbedding(GridLinear(layout, backend), None if layout.rot is None else int(layout.rot[0]))
     if ckpt.quantization is not None and not backend.is_gpu:
         return ckpt.float32(f"{EMBED}.weight").astype(np.float16)
     return backend.asarray(ckpt.float32(f"{EMBED}.weight"))

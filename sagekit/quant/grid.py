@@ -69,18 +69,30 @@ def uniform(v: np.ndarray, k: int, weight: np.ndarray | None = None, init: np.nd
     return step * m
 
 
-def fit(w: np.ndarray, bits: int, col_weight: np.ndarray | None = None, lloyd_levels: bool = True,
+def symmetric(v: np.ndarray, k: int, weight: np.ndarray | None = None, init: np.ndarray | None = None,
+              iters: int = LLOYD_ITERS) -> np.ndarray:
+    """k levels mirrored about 0: a sign times k/2 Lloyd magnitudes of |v|. A weight is then a sign bit and
+    a magnitude id, the form the `sage` LUT kernel runs (sagekit.format.sage_grid.as_sage)."""
+    mags = lloyd(np.abs(v), k // 2, weight, None if init is None else np.asarray(init)[k // 2:], iters)
+    return np.concatenate([-mags[::-1], mags])
+
+
+LEVEL_FITS = {"lloyd": lloyd, "uniform": uniform, "symmetric": symmetric}
+
+
+def fit(w: np.ndarray, bits: int, col_weight: np.ndarray | None = None, levels_kind: str = "lloyd",
         per_row: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(scales float64 (out,), levels float64 (2^bits,)) for w (out, in) by alternating levels and scales.
 
     col_weight (in,) weighs the error of each input column (the Hessian's diagonal); None weighs all alike.
     Scales are rounded to FP16 before the levels are fitted to them, so what is stored is what was fitted.
-    lloyd_levels=False gives a uniform grid and per_row=False one scale for the whole matrix (ablations).
+    levels_kind: lloyd (free levels), symmetric (mirrored Lloyd levels) or uniform; per_row=False keeps one
+    scale for the whole matrix (an ablation).
     """
     w = w.astype(np.float64)
     rms = np.sqrt(np.mean(w * w, axis=1)) if per_row else np.full(len(w), np.sqrt(np.mean(w * w)))
     scales = _half(np.where(rms > 0, rms, 1.0))
-    levels, fit_levels = None, lloyd if lloyd_levels else uniform
+    levels, fit_levels = None, LEVEL_FITS[levels_kind]
     for _ in range(ALTERNATIONS):
         levels = fit_levels(w / scales[:, None], 1 << bits, col_weight, levels)
         values = levels[nearest(w / scales[:, None], levels)]

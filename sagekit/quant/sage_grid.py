@@ -49,8 +49,8 @@ class GridKnobs:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.levels not in ("lloyd", "uniform"):
-            raise ValueError(f"--levels must be lloyd or uniform, not '{self.levels}'")
+        if self.levels not in grid.LEVEL_FITS:
+            raise ValueError(f"--levels must be {', '.join(grid.LEVEL_FITS)}, not '{self.levels}'")
         if not 1 <= self.bits <= MAX_BITS:
             raise ValueError(f"--bits must be 1 to {MAX_BITS}, not {self.bits}")
 
@@ -105,10 +105,10 @@ def quantize(w: np.ndarray, h: np.ndarray | None = None, name: str = "", bits: i
     t0 = time.perf_counter()
     if not 1 <= bits <= MAX_BITS:
         raise ValueError(f"bits must be 1 to {MAX_BITS}, not {bits}")
-    if levels not in ("lloyd", "uniform"):
-        raise ValueError(f"levels must be lloyd or uniform, not {levels!r}")
+    if levels not in grid.LEVEL_FITS:
+        raise ValueError(f"levels must be {', '.join(grid.LEVEL_FITS)}, not {levels!r}")
     rot, wr, (hr, u, perm) = rotated_problem(w, h, name, seed, rotate, error_feedback, act_order)
-    scales, grid_levels = grid.fit(wr, bits, None if hr is None else np.diag(hr).copy(), levels == "lloyd", row_scale)
+    scales, grid_levels = grid.fit(wr, bits, None if hr is None else np.diag(hr).copy(), levels, row_scale)
     if hr is not None and error_feedback:
         order = np.arange(wr.shape[1]) if perm is None else perm
         codes, scales = grid.ldlq(wr[:, order], hr[np.ix_(order, order)], scales, grid_levels, u=u)
