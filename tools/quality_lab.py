@@ -57,7 +57,7 @@ def quantize(w: np.ndarray, h: np.ndarray | None, r: dict, name: str) -> tuple[n
     """(W_hat float32, stored bytes) for one recipe r through sage_grid.quantize, the product's own code.
 
     Keys: bits, rot (default 1), rowscale (1), lloyd (1), ldlq (error feedback), rounds (LDLQ passes),
-    order (LDLQ in act-order), vq (codebook runs of that many weights instead of scalar levels), gptq.
+    order (LDLQ in act-order), sym (levels mirrored about 0), vq (codebook runs of that many weights instead of scalar levels), gptq.
     Per model (main): head=B packs the tied embedding / lm_head at B bits, lin=0 leaves the linears FP16."""
     if r.get("gptq"):  # the calibrated peer: plain GPTQ, groups of 64, act-order
         packed, _ = gptq.quantize(w, h, name, r["bits"])
@@ -69,7 +69,7 @@ def quantize(w: np.ndarray, h: np.ndarray | None, r: dict, name: str) -> tuple[n
         return packed.unpack().astype(np.float32), packed.nbytes
     packed, _ = sage_grid.quantize(w, h, name, r["bits"], rotate=bool(r.get("rot", 1)),
                                    row_scale=bool(r.get("rowscale", 1)),
-                                   levels="lloyd" if r.get("lloyd", 1) else "uniform",
+                                   levels="symmetric" if r.get("sym") else "lloyd" if r.get("lloyd", 1) else "uniform",
                                    error_feedback=bool(r.get("ldlq", 0)), act_order=bool(r.get("order", 0)))
     return packed.unpack().astype(np.float32), packed.nbytes
 
