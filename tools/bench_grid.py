@@ -1,0 +1,81 @@
+"""GEMV speed of the grid layout on the CPU: symmetric levels on the packed LUT kernel against the FP16
+runtime of other levels and against NumPy float32 `x @ W.T`, same shapes, same run, alternating rounds.
+
+    python tools/bench_grid.py --shapes 576x576,1536x576,576x1536,4096x11008,11008x4096 --bits 2,3 --rounds 5
+
+Weights are random codes with symmetric levels (speed does not depend on their values); both grid runtimes
+include the rotation of x. Each figure is the median over rounds of a median of --repeats calls. GB/s is the
+bytes each runtime holds for the weight over the time, next to a STREAM-like copy measured in the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from sagekit.backend import get_backend
+from sagekit.format.sage_grid import pack_grid
+from sagekit.model.linear import GridLinear, HalfLinear
+
+
+def timed(fn, repeats: int) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def copy_bandwidth() -> float:
+    a = np.ones(64 * 2 ** 20 // 4, dtype=np.float32)
+    b = np.empty_like(a)
+    return 2 * a.nbytes / timed(lambda: np.copyto(b, a), 5) / 1e9
+
+
+def case(out: int, in_: int, bits: int, rounds: int, repeats: int) -> dict:
+    rng = np.random.default_rng(out + bits)
+    half = 1 << (bits - 1)
+    mags = np.sort(rng.uniform(0.2, 2.0, half)).astype(np.float16).astype(np.float64)
+    levels = np.concatenate([-mags[::-1], mags])
+    packed = pack_grid(rng.integers(0, 1 << bits, (out, in_), dtype=np.uint8), rng.uniform(0.5, 1.5, out), levels,
+                       12345)
+    lut = GridLinear(packed, get_backend("cpu"))
+    fp16 = HalfLinear(packed.rotated().astype(np.float16))
+    rot = GridLinear(packed)._rotate
+    dense = np.ascontiguousarray(packed.unpack().astype(np.float32))
+    x = rng.standard_normal((1, in_)).astype(np.float32)
+    runs = {"lut": [], "fp16": [], "dense": []}
+    for _ in range(rounds):
+        runs["lut"].append(timed(lambda: lut(x), repeats))
+        runs["fp16"].append(timed(lambda: fp16(rot(x)), repeats))
+        runs["dense"].append(timed(lambda: x @ dense.T, repeats))
+    ms = {k: 1e3 * float(np.median(v)) for k, v in runs.items()}
+    held = {"lut": lut.nbytes, "fp16": fp16.nbytes, "dense": dense.nbytes}
+    return {"shape": [out, in_], "bits": bits, **{f"{k}_ms": v for k, v in ms.items()},
+            "lut_vs_dense": ms["dense"] / ms["lut"], "lut_vs_fp16": ms["fp16"] / ms["lut"],
+            **{f"{k}_gbps": held[k] / (ms[k] / 1e3) / 1e9 for k in ms}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="576x576,1536x576,576x1536,4096x11008,11008x4096")
+    ap.add_argument("--bits", default="2,3")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    print(json.dumps({"copy_gbps": round(copy_bandwidth(), 2)}), flush=True)
+    for shape in args.shapes.split(","):
+        out, in_ = map(int, shape.split("x"))
+        for bits in map(int, args.bits.split(",")):
+            r = case(out, in_, bits, args.rounds, args.repeats)
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
+    print(json.dumps({"copy_gbps": round(copy_bandwidth(), 2)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
