@@ -14,6 +14,7 @@ from sagekit.cli import app
 from sagekit.eval.speed import load_pair
 from sagekit.format.architecture import EMBED, HEAD
 from sagekit.io.checkpoint import Checkpoint
+from sagekit.io.inspect import packed_bits
 from sagekit.io.packed import read_packed
 from sagekit.io.synthetic import write_random_checkpoint
 from sagekit.model.generate import generate
@@ -50,6 +51,10 @@ def test_a_packed_head_counts_its_bytes_and_shrinks_the_file(src, tmp_path):
     assert packed["totals"]["linear_bytes"] == fp16["totals"]["linear_bytes"]
     modules = json.loads((tmp_path / "h4" / "config.json").read_text())["quantization_config"]["modules"]
     assert all(modules[n]["layout"] == "sage-grid" and modules[n]["bits"] == 4 for n in names)
+    with Checkpoint(tmp_path / "h4") as ckpt:
+        bits = packed_bits(ckpt)
+    assert bits["linear_bytes"] == packed["totals"]["linear_bytes"]  # inspect lists the head, apart
+    assert {r["name"] for r in bits["matrices"]} >= set(names)
 
 
 def test_the_packed_head_runs_as_its_dequantised_weights(src, tmp_path):

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from sagekit.format.architecture import EMBED, HEAD
 from sagekit.io.checkpoint import Checkpoint
 from sagekit.io.packed import layout_name, modules_of
 
@@ -38,8 +39,9 @@ def packed_bits(ckpt: Checkpoint) -> dict[str, Any]:
                     "paper_scale_bits": 16.0 * scales / n}
             paper_all, scale_all = paper_all + row["paper_bits"] * n, scale_all + row["paper_scale_bits"] * n
         rows.append(row)
-        n_all, bytes_all = n_all + n, bytes_all + nbytes
-    all_sage = all(r["layout"] == "sage" for r in rows)
+        if name not in (EMBED, HEAD):  # a packed head (--head-bits) is listed, not counted as a decoder linear
+            n_all, bytes_all = n_all + n, bytes_all + nbytes
+    all_sage = all(r["layout"] == "sage" for r in rows if r["name"] not in (EMBED, HEAD))
     return {"matrices": rows, "linear_weights": n_all, "linear_bytes": bytes_all,
             "linear_true_bpw": 8.0 * bytes_all / max(n_all, 1),
             "linear_paper_bits": paper_all / max(n_all, 1) if all_sage else None,
