@@ -254,7 +254,8 @@ def load(path: str | Path | None = None, device: str = "auto", context_length: i
 def compress(src: str | Path | None, out: str | Path, *, method: str = "sage", recipe: str | None = None,
              target_bpw: float | None = None, calib: str | Path | None = None, calib_samples: int = 128,
              calib_seqlen: int = 2048, calib_seed: int = 0, fp_targets: bool = False, skip: str | None = None,
-             workers: int = 1, device: str = "auto", force: bool = False, **knobs: Any) -> dict[str, Any]:
+             workers: int = 1, device: str = "auto", head_bits: int = 16, force: bool = False,
+             **knobs: Any) -> dict[str, Any]:
     """Compress `src` (None: the demo model) into the packed folder `out`; returns its report (report.json).
 
     Arguments are `sagekit compress`'s options, with underscores, and so are its defaults: the sage grid
@@ -272,7 +273,7 @@ def compress(src: str | Path | None, out: str | Path, *, method: str = "sage", r
     if fp_targets and calib is None:
         raise SagekitError("fp_targets changes how calibration fits each layer: give calib too")
     opts = CompressOptions(method=name, knobs=registry.get(name).make_knobs(knobs), target_bpw=target_bpw,
-                           skip=skip, workers=workers, device=device,
+                           skip=skip, workers=workers, device=device, head_bits=head_bits,
                            calib=CalibOptions(Path(calib), calib_samples, calib_seqlen, calib_seed, fp_targets)
                            if calib is not None else None)
     return run(resolve_model(None if src is None else str(src)), Path(out), opts, force=force)

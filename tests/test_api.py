@@ -110,6 +110,8 @@ def test_compress_is_the_default_command(tiny_model, tmp_path):
     assert json.loads(json.dumps(report)) == json.loads((tmp_path / "api" / "report.json").read_text())
     for f in [tmp_path / "cli" / "config.json", *sorted((tmp_path / "cli").glob("*.safetensors"))]:
         assert (tmp_path / "api" / f.name).read_bytes() == f.read_bytes(), f.name
+    packed_head = sagekit.compress(tiny_model, tmp_path / "head", head_bits=4)
+    assert packed_head["totals"]["head_bits"] == 4 and packed_head["totals"]["head_bytes"] < report["totals"]["head_bytes"]
     with pytest.raises(SagekitError, match="--bitz applies to no method"):
         sagekit.compress(tiny_model, tmp_path / "x", bitz=3)
     with pytest.raises(SagekitError, match="--salient-bits applies to --method sage --recipe paper"):
