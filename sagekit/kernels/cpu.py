@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from sagekit.kernels.half_matmul import half_matmul
 from sagekit.kernels.llvm_intrinsics import AVX512
-from sagekit.kernels.lut_matmul import SHORT_ROW, SageCPU, prepare, sage_matmul, walsh_beta
+from sagekit.kernels.lut_matmul import MAX_GROUPS, SHORT_ROW, SageCPU, prepare, sage_matmul, unpack_rows, walsh_beta
 from sagekit.kernels.transformer_ops import decode_attention, rmsnorm, rope, silu_mul
 
 __all__ = [
     "AVX512",
+    "MAX_GROUPS",
     "SHORT_ROW",
     "SageCPU",
     "decode_attention",
@@ -22,5 +23,6 @@ __all__ = [
     "rope",
     "sage_matmul",
     "silu_mul",
+    "unpack_rows",
     "walsh_beta",
 ]

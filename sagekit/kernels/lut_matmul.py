@@ -270,6 +270,18 @@ def _blas_matmul(x: np.ndarray, k: SageCPU, y: np.ndarray) -> None:
         np.matmul(x, tile[:, : r1 - r0], out=y[:, r0:r1])
 
 
+def unpack_rows(k: SageCPU, rows: np.ndarray) -> np.ndarray:
+    """float32 (len(rows), in): the given rows of W_hat, decoded from the kernel's planes (a packed
+    embedding's lookup), so the layout need not be kept beside them."""
+    in_ = k.shape[1]
+    out = np.empty((len(rows), in_), dtype=np.float32)
+    tile = np.empty((in_, 1), dtype=np.float32)
+    for i, r in enumerate(np.asarray(rows).reshape(-1)):
+        _unpack_tile(k.planes, k.values, k.sal_ptr, k.sal_idx, k.sal_val, k.sal_scale, n_words(in_), int(r), tile)
+        out[i] = tile[:, 0]
+    return out
+
+
 def sage_matmul(x: np.ndarray, k: SageCPU | PackedSage) -> np.ndarray:
     """float32 (T, in) -> float32 (T, out). T == 1 is decode, T > 1 prefill: tokens go through the lookup
     kernel in batches, except long prefills of 4+ plane matrices, which take unpacked tiles through BLAS."""

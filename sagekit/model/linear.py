@@ -62,13 +62,13 @@ class GridLinear:
     the FP16 kernel: 2 bytes per weight, a stopgap until those layouts have packed kernels of their own.
     """
 
-    def __init__(self, packed: Any, backend: Any = None):
+    def __init__(self, packed: Any, backend: Any):
         from sagekit.format import rotation
+        from sagekit.kernels import cpu
 
-        self.packed = packed
         self.out_features, self.in_features = packed.shape
-        sage = packed.as_sage() if hasattr(packed, "as_sage") and backend is not None else None
-        if sage is not None and sage.n_groups <= 16:  # the CPU LUT kernel's limit (kernels.lut_matmul)
+        sage = packed.as_sage() if hasattr(packed, "as_sage") else None
+        if sage is not None and sage.n_groups <= cpu.MAX_GROUPS:
             self.half, self.sage = None, SageLinear(sage, backend)
             self._scale = packed.scale.astype(np.float32)
         else:
@@ -85,7 +85,7 @@ class GridLinear:
         """float32 rows of the stored W R^T (the embedding lookup of a packed head)."""
         if self.half is not None:
             return self.half.weight[idx].astype(np.float32)
-        return self.packed.rotated(idx)
+        return self.sage.rows(idx) * self._scale[idx, None]
 
     @property
     def nbytes(self) -> int:
@@ -135,6 +135,12 @@ class SageLinear:
 
     def __call__(self, x: Any) -> Any:
         return self._matmul(x, self._weights)
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        """float32 rows of the weight, decoded from the CPU kernel's planes."""
+        from sagekit.kernels import cpu
+
+        return cpu.unpack_rows(self._weights, idx)
 
 
 class DequantLinear:
