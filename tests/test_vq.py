@@ -123,3 +123,28 @@ def test_bad_vq_options_are_one_line_errors(tiny_src, tmp_path, args, message):
     r = runner.invoke(app, ["compress", str(tiny_src), str(tmp_path / "out"), "--device", "cpu", *args])
     assert r.exit_code == 1 and message in r.output, r.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("target", [1.5, 2.0, 2.55, 3.05, 3.5])
+def test_the_run_length_allocation_lands_on_target(target):
+    from test_grid import DEMO_SHAPES
+
+    job = type("Job", (), {"sizes": DEMO_SHAPES, "target_bpw": target, "knobs": sage_vq.VQKnobs()})
+    dims = {n: k["dim"] for n, k in sage_vq.plan(job)["matrix_knobs"].items()}
+    true_bpw = 8 * sum(vq_nbytes(*DEMO_SHAPES[n], d) for n, d in dims.items()) / sum(
+        o * i for o, i in DEMO_SHAPES.values())
+    assert target - 0.03 <= true_bpw <= target
+    if target == 2.55:
+        assert {3, 4} <= set(dims.values())  # a fractional target mixes run lengths
+
+
+def test_vq_target_bpw_writes_the_allocated_run_lengths(tiny_src, tmp_path):
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["compress", str(tiny_src), str(out), "--recipe", "vq", "--target-bpw", "4.8",
+                            "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["totals"]["linear_true_bpw"] <= 4.8
+    assert len({m["paper_bits"] for m in report["matrices"]}) > 1  # the tiny model's budget mixes run lengths
+    model = load_model(out, get_backend("cpu"), 64)
+    assert len(generate(model, [1, 2, 3], 5, temperature=0.0).tokens) == 5
