@@ -12,6 +12,7 @@ import pytest
 
 from sagekit.backend import get_backend
 from sagekit.eval.perplexity import evaluate
+from sagekit.eval.speed import densify
 from sagekit.io.synthetic import write_random_checkpoint
 from sagekit.model.load import load_model
 from sagekit.model.tokenizer import load_tokenizer
@@ -24,7 +25,8 @@ from test_baselines import calibration_text
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import pareto  # noqa: E402
 
-SWEEP = [("rtn", "-", {}), ("sage-paper", "default", {})]
+SWEEP = [("rtn", "-", {}), ("sage-paper", "default", {}),
+         ("sage-grid", "bits 3, calibrated", {"calib": True, "knobs": {"bits": 3}})]
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +50,18 @@ def test_shared_pass_equals_separate_evaluations(sweep):
     assert n == 3 and self_score.ppl == pytest.approx(evaluate(ref, ids, 32, 3).ppl, rel=1e-6)
     assert abs(self_score.kl) < 1e-9 and self_score.top1 == 1.0
     for name in names:
-        alone = evaluate(load_model(root / "work" / name, backend, 32), ids, 32, 3, reference=ref)
+        twin = densify(load_model(root / "work" / name, backend, 32, kernels=False), 32)
+        alone = evaluate(twin, ids, 32, 3, reference=ref)
         shared = tallies[name].result(n, 32, 0.0, True)
         assert shared.ppl == pytest.approx(alone.ppl, rel=1e-6)
         assert shared.kl == pytest.approx(alone.kl, rel=1e-6) and shared.kl > 0
         assert shared.top1 == alone.top1
+
+
+def test_a_row_can_ask_for_calibration_and_knobs(sweep):
+    _, _, root = sweep
+    report = json.loads((root / "work" / pareto.slug("sage-grid", "bits 3, calibrated") / "report.json").read_text())
+    assert report["method"] == "sage-grid" and report["knobs"]["bits"] == 3 and report["calibration"]
 
 
 def unscored_copy(root: Path, name: str) -> Path:
@@ -100,7 +109,11 @@ def test_pareto_front_and_results_markers(tmp_path):
     rows = [{"linear_true_bpw": b, "ppl": p} for b, p in [(16, 20), (1.2, 1e6), (2.5, 4e4), (3.0, 400), (2.8, 5e4)]]
     assert pareto.pareto_front(rows) == {0, 1, 2, 3}
     results = tmp_path / "RESULTS.md"
-    results.write_text(f"# Results\n\nprose before\n\n{pareto.BEGIN}\nold table\n{pareto.END}\n\nprose after\n")
-    pareto.write_results(results, "new table\n")
+    begin, end = pareto.markers("baselines")
+    results.write_text(f"# Results\n\nprose before\n\n{begin}\nold table\n{end}\n\nprose after\n")
+    pareto.write_results(results, "new table\n", "baselines")
     text = results.read_text()
     assert "old table" not in text and "new table" in text and "prose before" in text and "prose after" in text
+    pareto.write_results(results, "final table\n", "issue13")  # another sweep's table goes beside it
+    text = results.read_text()
+    assert "new table" in text and "final table" in text and text.count("pareto:issue13:begin") == 1

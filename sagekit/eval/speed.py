@@ -59,7 +59,7 @@ class ModelPair:
     dense: Llama
 
 
-def _densify(model: Llama, max_seq_len: int) -> Llama:
+def densify(model: Llama, max_seq_len: int) -> Llama:
     """The same model as the dense baseline runs it: every packed linear replaced by its dequantised
     weight, and the FP16 embedding / lm_head in the backend dtype (float32 on the CPU), as `load_model`
     holds an FP16 checkpoint."""
@@ -84,7 +84,7 @@ def load_pair(path: Path, backend: Backend, max_seq_len: int) -> ModelPair:
             raise SagekitError(f"{path} is not compressed: bench compares a packed model with its dense twin, "
                                "so it would time dense against dense. Compress it first, or use --shape NAME")
     ref = load_model(path, backend, max_seq_len, kernels=False)
-    return ModelPair(load_model(path, backend, max_seq_len), _densify(ref, max_seq_len))
+    return ModelPair(load_model(path, backend, max_seq_len), densify(ref, max_seq_len))
 
 
 def random_pair(shape: str, backend: Backend, max_seq_len: int, layers: int | None, groups: int,
