@@ -337,6 +337,9 @@ def main() -> None:
     write_json(args.out / f"results{suffix}.json", {"setup": setup, "rows": rows})
     table = markdown(rows, setup)
     write_results(args.out / "RESULTS.md", table, args.sweep)
+    earlier = args.out / "results.json"  # the baselines' sweep, same protocol: drawn beside this one
+    if suffix and earlier.exists():
+        rows = rows + [r for r in json.loads(earlier.read_text())["rows"] if r["method"] != "fp16"]
     plot(rows, args.out / "pareto.png")
     print(table)
 
