@@ -173,9 +173,16 @@ def test_generate_chat_answers_and_hides_the_end_of_turn_token(demo_model):
     assert out["finish_reason"] == "stop" and out["tokens"][-1] == 2 and "<|im_end|>" not in out["text"]
 
 
+def _terminal_signals() -> None:
+    """Ctrl-C as a terminal delivers it: a shell's background job (`cmd &`, as CI may run the tests) starts
+    with SIGINT ignored, and Python keeps an ignored SIGINT, so the child would never see it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _chat_process(model: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "sagekit", "chat", str(model), "--device", "cpu", *args],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+                            preexec_fn=_terminal_signals)
 
 
 def test_chat_keeps_the_conversation(tiny_chat_model):
