@@ -15,6 +15,7 @@ from sagekit.io.synthetic import write_random_checkpoint
 from sagekit.model.generate import generate
 from sagekit.model.load import load_model
 from sagekit.quant import sage_grid, sage_vq
+from sagekit.quant.registry import PlanJob
 
 from conftest import tiny_config
 from test_baselines import calibration_text, correlated_inputs, hessian, stored_bytes
@@ -129,7 +130,7 @@ def test_bad_vq_options_are_one_line_errors(tiny_src, tmp_path, args, message):
 def test_the_run_length_allocation_lands_on_target(target):
     from test_grid import DEMO_SHAPES
 
-    job = type("Job", (), {"sizes": DEMO_SHAPES, "target_bpw": target, "knobs": sage_vq.VQKnobs()})
+    job = PlanJob(DEMO_SHAPES, target, sage_vq.VQKnobs(), map_weights=None)
     dims = {n: k["dim"] for n, k in sage_vq.plan(job)["matrix_knobs"].items()}
     true_bpw = 8 * sum(vq_nbytes(*DEMO_SHAPES[n], d) for n, d in dims.items()) / sum(
         o * i for o, i in DEMO_SHAPES.values())

@@ -118,9 +118,8 @@ def compress_all(src: Path, work: Path, sweep: list[tuple[str, str, dict[str, An
         folder = work / slug(method, label)
         if not (folder / "report.json").exists():
             print(f"{method} {label}: compress", file=sys.stderr, flush=True)
-            fields = dict(fields)
-            needs = fields.pop("calib", False) or registry.get(method).calibration == "required"
-            m = registry.get(method)
+            fields, m = dict(fields), registry.get(method)
+            needs = fields.pop("calib", False) or m.calibration == "required"
             knobs = m.make_knobs(fields.pop("knobs")) if "knobs" in fields else None
             opts = CompressOptions(method=method, calib=calib if needs else None, device=device,
                                    workers=workers, knobs=knobs, **fields)

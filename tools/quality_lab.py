@@ -21,11 +21,11 @@ import numpy as np
 from sagekit.backend import get_backend
 from sagekit.format.architecture import EMBED, LLAMA_LAYER
 from sagekit.eval.perplexity import Tally, log_probs, windows
+from sagekit.eval.speed import densify
 from sagekit.io.checkpoint import Checkpoint
 from sagekit.io.demo import demo_model
 from sagekit.io.text import read_text
 from sagekit.model.linear import DenseLinear
-from sagekit.eval.speed import densify
 from sagekit.model.load import load_model
 from sagekit.model.tokenizer import load_tokenizer
 from sagekit.format.sage_grid import PackedGrid, grid_nbytes

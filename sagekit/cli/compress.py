@@ -41,8 +41,9 @@ def compress(
                                          "its panel steer).", rich_help_panel=GRID, **UNSET),
     target_bpw: Optional[float] = typer.Option(None, min=1.0, help="Land the decoder linear layers' TRUE bits "
                                                "per weight here. grid: each matrix's bits are allocated (fractional "
-                                               "targets mix bit widths); vq: each matrix's --dim; paper: one rate penalty is solved, and the "
-                                               "rate term chooses the group count (1, 2, 4, 8)."),
+                                               "targets mix bit widths); vq: each matrix's --dim; paper: one rate "
+                                               "penalty is solved, and the rate term chooses the group count (1, 2, "
+                                               "4, 8)."),
     head_bits: int = typer.Option(16, help="Bits of the token embedding and lm_head (tied on the demo model: "
                                   "21% of its weights), packed with the grid recipe, data-free: 2 to 8, or 16 to "
                                   "keep them FP16."),

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-
-from typing import Any
 
 from sagekit.format.sage_vq import DIMS, ENTRIES, PackedVQ, book_ints, book_step, pack_vq, vq_nbytes
 from sagekit.format.stats import MatrixStats, matrix_stats
