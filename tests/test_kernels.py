@@ -192,11 +192,17 @@ for g in (1, 4):
     for t in (1, 3):
         ref = x[:t].astype(np.float64) @ unpack_sage(p).T.astype(np.float64)
         assert np.abs(cpu.sage_matmul(x[:t], p) - ref).max() < 1e-4, g
+from sagekit.format.sage_vq import pack_vq
+rng = np.random.default_rng(1)
+v = pack_vq(rng.integers(0, 256, (37, 12)), np.ones(37), rng.standard_normal((256, 4)), None)
+xv = rng.standard_normal((1, 48)).astype(np.float32)
+ref = xv.astype(np.float64) @ v.rotated().T.astype(np.float64)
+assert np.abs(cpu.codebook_matmul(xv, cpu.prepare_codebook(v)) - ref).max() < 1e-4
 """
 
 
 def test_cpu_matmul_without_avx512(tmp_path):
-    """The portable lookup (what CPUs without AVX-512 run), compiled fresh in a child process."""
+    """The portable lookups and gathers (what CPUs without AVX-512 run), compiled fresh in a child process."""
     env = {**os.environ, "SAGEKIT_NO_AVX512": "1", "NUMBA_CACHE_DIR": str(tmp_path)}
     subprocess.run([sys.executable, "-c", PORTABLE], check=True, env=env, timeout=300)
 

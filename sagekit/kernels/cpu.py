@@ -1,11 +1,13 @@
 """The CPU (Numba) kernels' public names in one namespace, for the model, the loader and the tools.
 
-The kernels live by job: lut_matmul.py (packed `sage` weights), half_matmul.py (FP16 weights),
+The kernels live by job: lut_matmul.py (packed `sage` weights), codebook_matmul.py (`sage-vq` and free-level
+`sage-grid` weights), half_matmul.py (FP16 weights),
 transformer_ops.py (attention, RMSNorm, RoPE, SiLU-gate) and llvm_intrinsics.py (the hand-written IR).
 """
 
 from __future__ import annotations
 
+from sagekit.kernels.codebook_matmul import MIN_RUN, CodebookCPU, codebook_matmul, decode_rows, prepare_codebook, run_length
 from sagekit.kernels.half_matmul import half_matmul
 from sagekit.kernels.llvm_intrinsics import AVX512
 from sagekit.kernels.lut_matmul import MAX_GROUPS, SHORT_ROW, SageCPU, prepare, sage_matmul, unpack_rows, walsh_beta
@@ -13,14 +15,20 @@ from sagekit.kernels.transformer_ops import decode_attention, rmsnorm, rope, sil
 
 __all__ = [
     "AVX512",
+    "CodebookCPU",
     "MAX_GROUPS",
+    "MIN_RUN",
     "SHORT_ROW",
     "SageCPU",
+    "codebook_matmul",
     "decode_attention",
+    "decode_rows",
     "half_matmul",
     "prepare",
+    "prepare_codebook",
     "rmsnorm",
     "rope",
+    "run_length",
     "sage_matmul",
     "silu_mul",
     "unpack_rows",

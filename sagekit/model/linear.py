@@ -63,8 +63,10 @@ class GridLinear:
 
     Grid levels mirrored about 0 (`--levels symmetric`) run on the packed `sage` LUT kernel: the codes are a
     sign plane and magnitude-id planes (PackedGrid.as_sage), held at their stored size, and y is scaled per
-    row after. Other levels and codebooks are decoded once to FP16 at load, y = (s * levels[codes]) (R x) in
-    the FP16 kernel: 2 bytes per weight, a stopgap until those layouts have packed kernels of their own.
+    row after. Codebooks and free levels with 3+ weights a byte (vq's D, 8 // B for a B-bit grid) run on the
+    codebook kernel (sagekit.kernels.codebook_matmul), at one byte per run of weights: vq at its stored size.
+    Shorter runs are decoded once to FP16 at load, y = (s * levels[codes]) (R x) in the FP16 kernel, 2 bytes a
+    weight, which a table read per byte or two does not beat.
     """
 
     def __init__(self, packed: Any, backend: Any):
@@ -74,27 +76,39 @@ class GridLinear:
         self.out_features, self.in_features = packed.shape
         sage = packed.as_sage() if hasattr(packed, "as_sage") else None
         if sage is not None and sage.n_groups <= cpu.MAX_GROUPS:
-            self.half, self.sage = None, SageLinear(sage, backend)
+            self.book, self.half, self.sage = None, None, SageLinear(sage, backend)
             self._scale = packed.scale.astype(np.float32)
+        elif cpu.run_length(packed) >= cpu.MIN_RUN:
+            self.book, self.half, self.sage = cpu.prepare_codebook(packed), None, None
         else:
-            self.half, self.sage = HalfLinear(packed.rotated().astype(np.float16)), None
+            self.book, self.half, self.sage = None, HalfLinear(packed.rotated().astype(np.float16)), None
         seed = None if packed.rot is None else int(packed.rot[0])
         self._rotate = (lambda x: x) if seed is None else (lambda x: rotation.rotate(x, seed))
 
     def __call__(self, x: Any) -> Any:
+        from sagekit.kernels import cpu
+
         if self.sage is not None:
             return self.sage(self._rotate(x)) * self._scale
+        if self.book is not None:
+            return cpu.codebook_matmul(self._rotate(x), self.book)
         return self.half(self._rotate(x))
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
         """float32 rows of the stored W R^T (the embedding lookup of a packed head)."""
+        from sagekit.kernels import cpu
+
+        if self.book is not None:
+            return cpu.decode_rows(self.book, idx)
         if self.half is not None:
             return self.half.weight[idx].astype(np.float32)
         return self.sage.rows(idx) * self._scale[idx, None]
 
     @property
     def nbytes(self) -> int:
-        return self.half.nbytes if self.half is not None else self.sage.nbytes + self._scale.nbytes
+        if self.sage is not None:
+            return self.sage.nbytes + self._scale.nbytes
+        return (self.book if self.book is not None else self.half).nbytes
 
 
 class GridEmbedding:

@@ -1,0 +1,173 @@
+"""CPU matmul on byte-indexed codebooks (Numba): y = x @ W_hat.T where one byte of a row codes a run of D
+consecutive weights as one of K <= 256 codewords of its matrix, times the row's scale.
+
+It runs the layouts whose values are not a sign times a magnitude, so not the `sage` LUT kernel's:
+  * `sage-vq`: its codes and codebook as stored (D = 2..8, one byte per run);
+  * `sage-grid` with free levels: D = 8 // B codes of B bits joined into one byte (K = 2^(B D)), the
+    codewords every D-tuple of levels. That holds 8 / D bits a weight (4 at 3 bits, 8 at 5).
+Method, decode (a few tokens): a table T[j, c] = codeword c . x[jD : jD + D] (runs x K float32, built once
+per token), then y_r = scale_r * sum_j T[j, code of row r's run j]: one AVX-512 gather serves 16 rows
+(llvm_intrinsics.table_rows16), against 16 D multiply-adds and 64 D bytes for dense float32. Prefill: rows
+decoded 128 at a time into a float32 tile, then BLAS, which beats a table read per run from a few tokens on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+
+from sagekit.format.sage_grid import PackedGrid
+from sagekit.format.sage_vq import PackedVQ
+from sagekit.kernels.llvm_intrinsics import ROWS, table_rows16
+from sagekit.kernels.serial_twin import serial_twin
+
+# One gather of 16 table entries took about 9 ns here (EPYC, Zen 4: 0.56 ns a byte), the FP16 kernel about
+# 0.13 ns a weight: a byte has to code 3+ weights to keep up, so shorter runs stay on the FP16 runtime.
+MIN_RUN = 3
+TABLE_MAX_TOKENS = 3  # from 4 tokens on, decoding row tiles for BLAS costs less than a table read per run
+TILE_ROWS = 128  # rows decoded at a time for BLAS: the only dense float32 scratch, (128, in)
+CHUNK_BYTES = 1 << 18  # the runs of one pass over the rows: their tables (256 KiB) stay in L2
+PARALLEL_MIN_READS = 1 << 16  # products with fewer table reads run on the calling thread
+
+
+@dataclass(frozen=True)
+class CodebookCPU:
+    """A codebook matrix re-laid once at load time for the kernel."""
+
+    # uint8 (blocks, runs, 16) flat, blocks = ceil(out / 16): [(b * runs + j) * 16 + i] = the code of row
+    # 16 b + i's run j (rows past `out` hold code 0), so a block of rows reads its codes front to back
+    codes: np.ndarray
+    codewords: np.ndarray  # float32 (K, D)
+    scale: np.ndarray  # float32 (out,)
+    shape: tuple[int, int]  # (out, in); runs * D >= in, the padding weights multiply zero inputs
+
+    @property
+    def dim(self) -> int:
+        return int(self.codewords.shape[1])
+
+    @property
+    def runs(self) -> int:
+        return -(-self.shape[1] // self.dim)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.codes.nbytes + self.codewords.nbytes + self.scale.nbytes)
+
+
+def _blocked(codes: np.ndarray) -> np.ndarray:
+    """uint8 (out, runs) codes in CodebookCPU's layout."""
+    out, runs = codes.shape
+    blocks = -(-out // ROWS)
+    padded = np.zeros((blocks * ROWS, runs), dtype=np.uint8)
+    padded[:out] = codes
+    return np.ascontiguousarray(padded.reshape(blocks, ROWS, runs).transpose(0, 2, 1)).reshape(-1)
+
+
+def run_length(p: PackedVQ | PackedGrid) -> int:
+    """Weights per byte in the kernel's layout: vq's D, or as many B-bit grid codes as fit in a byte (8 // B)."""
+    return p.dim if isinstance(p, PackedVQ) else max(1, 8 // p.bits)
+
+
+def prepare_codebook(p: PackedVQ | PackedGrid) -> CodebookCPU:
+    """The kernel's layout of a `sage-vq` matrix (its codes as stored) or a `sage-grid` one (D = 8 // B level
+    indices a byte, the first weight of a run in the low bits, a last partial run padded with index 0)."""
+    if isinstance(p, PackedVQ):
+        return CodebookCPU(_blocked(p.codes), p.codewords(), p.scale.astype(np.float32), p.shape)
+    out, in_ = p.shape
+    d = run_length(p)
+    idx = np.zeros((out, -(-in_ // d) * d), dtype=np.uint32)
+    idx[:, :in_] = p.indices()
+    joined = np.zeros((out, idx.shape[1] // d), dtype=np.uint32)
+    for i in range(d):
+        joined |= idx[:, i::d] << (p.bits * i)
+    digits = (np.arange((1 << p.bits) ** d)[:, None] >> (p.bits * np.arange(d))[None, :]) & ((1 << p.bits) - 1)
+    words = p.levels.astype(np.float32)[digits]
+    return CodebookCPU(_blocked(joined.astype(np.uint8)), words, p.scale.astype(np.float32), p.shape)
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def _tables(x: np.ndarray, codewords_t: np.ndarray) -> np.ndarray:
+    """float32 (T, runs * K): [t, j K + c] = codewords[c] . x[t, jD : jD + D]; x (T, runs * D), codewords_t (D, K)."""
+    d, k = codewords_t.shape
+    n_tok, runs = x.shape[0], x.shape[1] // d
+    out = np.zeros((n_tok, runs * k), dtype=np.float32)
+    for tj in prange(n_tok * runs):
+        t, j = tj // runs, tj % runs
+        row = out[t, j * k:(j + 1) * k]
+        for i in range(d):
+            xi = x[t, j * d + i]
+            for c in range(k):
+                row[c] += xi * codewords_t[i, c]
+    return out
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def _table_matmul(tables: np.ndarray, k: int, codes: np.ndarray, runs: int, chunk: int) -> np.ndarray:
+    """float32 (T, blocks * 16): y[t, r] = sum_j tables[t, j k + code of row r's run j], runs in chunks."""
+    n_tok = tables.shape[0]
+    blocks = codes.size // (runs * ROWS)
+    y = np.zeros(n_tok * blocks * ROWS, dtype=np.float32)
+    flat = tables.reshape(-1)
+    for j0 in range(0, runs, chunk):
+        n = min(chunk, runs - j0)
+        for b in prange(blocks):
+            for t in range(n_tok):
+                table_rows16(y, (t * blocks + b) * ROWS, flat, t * runs * k + j0 * k, k, codes,
+                             (b * runs + j0) * ROWS, n)
+    return y.reshape(n_tok, blocks * ROWS)
+
+
+_tables_serial = serial_twin(_tables)
+_table_matmul_serial = serial_twin(_table_matmul)
+
+
+@njit(cache=True, fastmath=True)
+def _decode_tile(codes: np.ndarray, codewords: np.ndarray, scale: np.ndarray, runs: int, r0: int, r1: int,
+                 tile: np.ndarray) -> None:
+    """tile[:r1 - r0, :runs * D] = rows r0..r1 (r0 a multiple of 16) of scale * codewords[codes]."""
+    d = codewords.shape[1]
+    for r in range(r0, r1):
+        c0, lane, s = (r // ROWS) * runs * ROWS, r % ROWS, scale[r]
+        for j in range(runs):
+            c = codes[c0 + j * ROWS + lane]
+            for i in range(d):
+                tile[r - r0, j * d + i] = s * codewords[c, i]
+
+
+def _padded(x: np.ndarray, width: int) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape[1] == width:
+        return x
+    out = np.zeros((x.shape[0], width), dtype=np.float32)
+    out[:, : x.shape[1]] = x
+    return out
+
+
+def codebook_matmul(x: np.ndarray, w: CodebookCPU) -> np.ndarray:
+    """float32 (T, out) = x (T, in) @ W_hat.T, W_hat the scaled codewords of w (no rotation: the caller's)."""
+    out, runs, k = w.shape[0], w.runs, len(w.codewords)
+    xp = _padded(x, runs * w.dim)
+    if xp.shape[0] <= TABLE_MAX_TOKENS:
+        small = runs * out * xp.shape[0] < PARALLEL_MIN_READS
+        tables = (_tables_serial if small else _tables)(xp, np.ascontiguousarray(w.codewords.T))
+        chunk = max(1, CHUNK_BYTES // (4 * k))
+        y = (_table_matmul_serial if small else _table_matmul)(tables, k, w.codes, runs, chunk)
+        return y[:, :out] * w.scale
+    y = np.empty((xp.shape[0], out), dtype=np.float32)
+    tile = np.empty((TILE_ROWS, runs * w.dim), dtype=np.float32)
+    for r0 in range(0, out, TILE_ROWS):
+        r1 = min(out, r0 + TILE_ROWS)
+        _decode_tile(w.codes, w.codewords, w.scale, runs, r0, r1, tile)
+        y[:, r0:r1] = xp @ tile[: r1 - r0].T
+    return y
+
+
+def decode_rows(w: CodebookCPU, rows: np.ndarray) -> np.ndarray:
+    """float32 (len(rows), in): the scaled codewords of the given rows (an embedding lookup)."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    j = np.arange(w.runs)
+    at = ((rows // ROWS) * w.runs * ROWS + rows % ROWS)[:, None] + j[None, :] * ROWS
+    vals = w.codewords[w.codes[at]]  # (n, runs, D)
+    return (w.scale[rows, None] * vals.reshape(len(rows), -1))[:, : w.shape[1]]
