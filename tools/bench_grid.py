@@ -1,7 +1,8 @@
-"""GEMV speed of the grid layout on the CPU: symmetric levels on the packed LUT kernel against the FP16
-runtime of other levels and against NumPy float32 `x @ W.T`, same shapes, same run, alternating rounds.
+"""GEMV speed of the grid and vq layouts on the CPU: symmetric grid levels on the packed LUT kernel, vq codes
+on the codebook kernel, each against the FP16 runtime (the same weights decoded to FP16) and NumPy float32
+`x @ W.T`, same shapes, same run, alternating rounds.
 
-    python tools/bench_grid.py --shapes 576x576,1536x576,576x1536,4096x11008,11008x4096 --bits 2,3 --rounds 5
+    python tools/bench_grid.py --shapes 576x576,1536x576,576x1536,4096x11008,11008x4096 --bits 2,3 --vq-dims 4,3
 
 Weights are random codes with symmetric levels (speed does not depend on their values); both grid runtimes
 include the rotation of x. Each figure is the median over rounds of a median of --repeats calls. GB/s is the
@@ -19,6 +20,7 @@ import numpy as np
 from sagekit.backend import get_backend
 from sagekit.format import rotation
 from sagekit.format.sage_grid import pack_grid
+from sagekit.format.sage_vq import pack_vq
 from sagekit.model.linear import GridLinear, HalfLinear
 
 
@@ -45,27 +47,45 @@ def case(out: int, in_: int, bits: int, rounds: int, repeats: int) -> dict:
     levels = np.concatenate([-mags[::-1], mags])
     packed = pack_grid(rng.integers(0, 1 << bits, (out, in_), dtype=np.uint8), rng.uniform(0.5, 1.5, out), levels,
                        12345)
-    lut = GridLinear(packed, get_backend("cpu"))
+    return {"shape": [out, in_], "bits": bits, **compare(packed, "lut", rounds, repeats)}
+
+
+def vq_case(out: int, in_: int, dim: int, rounds: int, repeats: int) -> dict:
+    rng = np.random.default_rng(out + dim)
+    packed = pack_vq(rng.integers(0, 256, (out, in_ // dim)), rng.uniform(0.5, 1.5, out),
+                     rng.standard_normal((256, dim)), 12345)
+    return {"shape": [out, in_], "vq_dim": dim, **compare(packed, "book", rounds, repeats)}
+
+
+def compare(packed, kernel: str, rounds: int, repeats: int) -> dict:
+    """ms, x-fold and GB/s of GridLinear (whose kernel is `kernel`), the FP16 runtime and dense float32."""
+    out, in_ = packed.shape
+    fast = GridLinear(packed, get_backend("cpu"))
+    assert getattr(fast, "sage" if kernel == "lut" else kernel) is not None, f"GridLinear did not take the {kernel} kernel"
     fp16 = HalfLinear(packed.rotated().astype(np.float16))
     rot = lambda v: rotation.rotate(v, 12345)  # noqa: E731  (what both grid runtimes do first)
     dense = np.ascontiguousarray(packed.unpack().astype(np.float32))
-    x = rng.standard_normal((1, in_)).astype(np.float32)
-    runs = {"lut": [], "fp16": [], "dense": []}
+    x = np.random.default_rng(out).standard_normal((1, in_)).astype(np.float32)
+    runs = {kernel: [], "fp16": [], "dense": []}
     for _ in range(rounds):
-        runs["lut"].append(timed(lambda: lut(x), repeats))
+        runs[kernel].append(timed(lambda: fast(x), repeats))
         runs["fp16"].append(timed(lambda: fp16(rot(x)), repeats))
         runs["dense"].append(timed(lambda: x @ dense.T, repeats))
     ms = {k: 1e3 * float(np.median(v)) for k, v in runs.items()}
-    held = {"lut": lut.nbytes, "fp16": fp16.nbytes, "dense": dense.nbytes}
-    return {"shape": [out, in_], "bits": bits, **{f"{k}_ms": v for k, v in ms.items()},
-            "lut_vs_dense": ms["dense"] / ms["lut"], "lut_vs_fp16": ms["fp16"] / ms["lut"],
-            **{f"{k}_gbps": held[k] / (ms[k] / 1e3) / 1e9 for k in ms}}
+    held = {kernel: fast.nbytes, "fp16": fp16.nbytes, "dense": dense.nbytes}
+    return {**{f"{k}_ms": v for k, v in ms.items()}, f"{kernel}_vs_dense": ms["dense"] / ms[kernel],
+            f"{kernel}_vs_fp16": ms["fp16"] / ms[kernel], **{f"{k}_gbps": held[k] / (ms[k] / 1e3) / 1e9 for k in ms}}
+
+
+def show(r: dict) -> None:
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="576x576,1536x576,576x1536,4096x11008,11008x4096")
     ap.add_argument("--bits", default="2,3")
+    ap.add_argument("--vq-dims", default="4,3", help="vq run lengths on the codebook kernel ('' for none)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
@@ -73,8 +93,9 @@ def main() -> None:
     for shape in args.shapes.split(","):
         out, in_ = map(int, shape.split("x"))
         for bits in map(int, args.bits.split(",")):
-            r = case(out, in_, bits, args.rounds, args.repeats)
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
+            show(case(out, in_, bits, args.rounds, args.repeats))
+        for dim in [int(d) for d in args.vq_dims.split(",") if d]:
+            show(vq_case(out, in_ - in_ % dim, dim, args.rounds, args.repeats))
     print(json.dumps({"copy_gbps": round(copy_bandwidth(), 2)}), flush=True)
 
 

@@ -29,7 +29,7 @@ MIN_RUN = 3
 TABLE_MAX_TOKENS = 3  # from 4 tokens on, decoding row tiles for BLAS costs less than a table read per run
 TILE_ROWS = 128  # rows decoded at a time for BLAS: the only dense float32 scratch, (128, in)
 CHUNK_BYTES = 1 << 18  # the runs of one pass over the rows: their tables (256 KiB) stay in L2
-PARALLEL_MIN_READS = 1 << 16  # products with fewer table reads run on the calling thread
+PARALLEL_MIN_WEIGHTS = 1 << 21  # smaller products run on the calling thread, as the LUT kernel's do
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def codebook_matmul(x: np.ndarray, w: CodebookCPU) -> np.ndarray:
     out, runs, k = w.shape[0], w.runs, len(w.codewords)
     xp = _padded(x, runs * w.dim)
     if xp.shape[0] <= TABLE_MAX_TOKENS:
-        small = runs * out * xp.shape[0] < PARALLEL_MIN_READS
+        small = xp.size * out < PARALLEL_MIN_WEIGHTS
         tables = (_tables_serial if small else _tables)(xp, np.ascontiguousarray(w.codewords.T))
         chunk = max(1, CHUNK_BYTES // (4 * k))
         y = (_table_matmul_serial if small else _table_matmul)(tables, k, w.codes, runs, chunk)
