@@ -10,6 +10,7 @@ from its shipped Q4_1 (`llama-quantize --allow-requantize`), then alternates, ro
 Both get 2 threads. Medians over rounds; the load average is recorded before and after every run, because
 timings on a busy machine mean nothing (llama.cpp's threads collapse under contention).
 
+    python tools/bench_llamacpp.py --keep-build DIR --build-only        # any time: about 10 min of 2 cores
     python tools/bench_llamacpp.py FOLDER [FOLDER ...] [--rounds 5] [--keep-build DIR] [--json out.json]
 
 On the 2-core development VM a native build of the sdist's llama.cpp dies in its AMX code (illegal
@@ -42,8 +43,12 @@ def run(cmd: list[str], **kw) -> str:
 
 
 def build(work: Path) -> tuple[Path, str]:
-    """(bin folder with llama-bench and llama-quantize, the llama-cpp-python version they came from)."""
-    run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-q", "-d", str(work),
+    """(bin folder with llama-bench and llama-quantize, the llama-cpp-python version they came from); a kept
+    build that has both is reused."""
+    done = next(work.glob("llama_cpp_python-*.tar.gz"), None)
+    if done is not None and all((work / "build" / "bin" / b).is_file() for b in ("llama-bench", "llama-quantize")):
+        return work / "build" / "bin", done.name[len("llama_cpp_python-"):-len(".tar.gz")]
+    run([sys.executable, "-m", "pip", "download", "--no-binary", "llama-cpp-python", "--no-deps", "-q", "-d", str(work),
          "llama-cpp-python"])
     sdist = next(work.glob("llama_cpp_python-*.tar.gz"))
     version = sdist.name[len("llama_cpp_python-"):-len(".tar.gz")]
@@ -84,16 +89,23 @@ def sagekit_bench(folder: Path) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("folders", nargs="+", type=Path, help="compressed sagekit folders")
+    ap.add_argument("folders", nargs="*", type=Path, help="compressed sagekit folders")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--keep-build", type=Path, help="build here and keep it (default: a temporary folder)")
     ap.add_argument("--json", type=Path, help="write every round here")
+    ap.add_argument("--build-only", action="store_true", help="build into --keep-build and stop (the build "
+                                                             "needs no quiet machine; the rounds do)")
     args = ap.parse_args()
+    if args.build_only and not args.keep_build:
+        sys.exit("error: --build-only needs --keep-build DIR")
     os.environ.update(OMP_NUM_THREADS=str(THREADS), NUMBA_NUM_THREADS=str(THREADS))
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep_build or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         binaries, version = build(work)
+        if args.build_only:
+            print(f"built llama-cpp-python {version}'s llama-bench and llama-quantize in {binaries}")
+            return
         from sagekit.io.demo import demo_gguf  # the shipped Q4_1 of the demo model
 
         q41 = demo_gguf()
