@@ -87,3 +87,35 @@ def test_bad_head_bits_are_one_line_errors(src, tmp_path, bits):
     r = runner.invoke(app, ["compress", str(src), str(tmp_path / "out"), "--head-bits", bits])
     assert r.exit_code == 1 and "--head-bits must be 2 to 8, or 16" in r.output, r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_calibrated_head_fits_the_lm_head_inputs(src, tmp_path):
+    """With --calib the lm_head (the tied embedding) is rounded under the Hessian of its inputs, which the
+    pass records after the last layer: its logit error on those inputs beats the data-free head's."""
+    from sagekit.quant.calibration import CalibOptions, LayerwiseCalibration, calibration_windows
+    from sagekit.quant.head import lm_head_name
+    from test_baselines import calibration_text
+
+    text = calibration_text(tmp_path / "calib.txt")
+    calib = ["--calib", str(text), "--calib-samples", "4", "--calib-seqlen", "32"]
+    compress(src, tmp_path / "free", "--head-bits", "3", "--bits", "8")
+    compress(src, tmp_path / "cal", "--head-bits", "3", "--bits", "8", *calib)
+    with Checkpoint(src) as ckpt:
+        name, w = lm_head_name(ckpt.config), None
+        w = ckpt.float32(name + ".weight")
+        wins = calibration_windows(ckpt.folder, CalibOptions(text, 4, 32))
+        run = LayerwiseCalibration(ckpt, get_backend("cpu"), wins, head=True)
+        for _ in run.run(set(), lambda n: ckpt.float32(n + ".weight"), lambda n, w, h: (None, None)):
+            pass
+    h = run.head_hessian
+    assert h.shape == (w.shape[1],) * 2 and np.allclose(h, h.T, atol=1e-5 * np.abs(h).max())
+
+    def logit_error(folder):
+        with Checkpoint(folder) as ckpt:
+            d = read_packed(ckpt, name).unpack() - w
+        return float(np.einsum("ij,jk,ik->", d, h, d))
+
+    assert logit_error(tmp_path / "cal") < 0.9 * logit_error(tmp_path / "free")
+    if name == HEAD:  # untied: the embedding is no lm_head and stays data-free
+        with Checkpoint(tmp_path / "cal") as a, Checkpoint(tmp_path / "free") as b:
+            np.testing.assert_array_equal(read_packed(a, EMBED).unpack(), read_packed(b, EMBED).unpack())

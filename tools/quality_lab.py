@@ -26,6 +26,7 @@ from sagekit.io.checkpoint import Checkpoint
 from sagekit.io.demo import demo_model
 from sagekit.io.text import read_text
 from sagekit.model.linear import DenseLinear
+from sagekit.model.llama import rmsnorm
 from sagekit.model.load import load_model
 from sagekit.model.tokenizer import load_tokenizer
 from sagekit.format.sage_grid import PackedGrid, grid_nbytes
@@ -54,12 +55,30 @@ def hessians(model, folder: Path, samples: int, seqlen: int, cache: Path) -> dic
     return out
 
 
+def head_hessian(model, folder: Path, samples: int, seqlen: int, cache: Path) -> np.ndarray:
+    """H of the lm_head's inputs (the final norm's outputs) of the FP16 model on calibration windows."""
+    if cache.is_file():
+        return np.load(cache)
+    wins = calibration_windows(folder, CalibOptions(DATA / "wiki.valid.tokens", samples, seqlen, 0))
+    acc = np.zeros((model.config.dim, model.config.dim))
+    for w in wins:
+        h = model.embed_tokens(w)
+        for i in range(len(model.layers)):
+            h = model.block(i, h, 0)
+        x = rmsnorm(model.state, h, model.weights.norm).astype(np.float64)
+        acc += x.T @ x
+    out = (acc * 2.0 / (len(wins) * seqlen)).astype(np.float32)
+    np.save(cache, out)
+    return out
+
+
 def quantize(w: np.ndarray, h: np.ndarray | None, r: dict, name: str) -> tuple[np.ndarray, int]:
     """(W_hat float32, stored bytes) for one recipe r through sage_grid.quantize, the product's own code.
 
     Keys: bits, rot (default 1), rowscale (1), lloyd (1), ldlq (error feedback), rounds (LDLQ passes),
     order (LDLQ in act-order), sym (levels mirrored about 0), vq (codebook runs of that many weights instead of scalar levels), gptq.
-    Per model (main): head=B packs the tied embedding / lm_head at B bits, lin=0 leaves the linears FP16."""
+    Per model (main): head=B packs the tied embedding / lm_head at B bits (headcal=1: under the lm_head
+    inputs' Hessian, as `sagekit compress --calib --head-bits B` does), lin=0 leaves the linears FP16."""
     if r.get("gptq"):  # the calibrated peer: plain GPTQ, groups of 64, act-order
         packed, _ = gptq.quantize(w, h, name, r["bits"])
         return packed.unpack(), packed.nbytes
@@ -148,7 +167,10 @@ def main() -> None:
         layer_spec = model.config.arch.layer
         file_rest = other_bytes  # the FP16 embedding and norms, until head=B packs the embedding
         if "head" in r:
-            file_rest += pack_head(model, r["head"])
+            hh = None
+            if r.get("headcal"):
+                hh = head_hessian(ref, folder, 8, 2048, Path("/tmp/sagekit_headhess_8x2048.npy"))
+            file_rest += pack_head(model, r["head"], hh)
         if not r.get("lin", 1):  # the linears stay FP16
             stored, n_weights = 2 * sum(w.size for w in dense.values()), sum(w.size for w in dense.values())
         for i, layer in enumerate(model.layers if r.get("lin", 1) else []):
@@ -181,11 +203,11 @@ def main() -> None:
                                           "file_mb": round((stored + file_rest) / 1e6, 2)})
 
 
-def pack_head(model, bits: int) -> int:
+def pack_head(model, bits: int, h: np.ndarray | None = None) -> int:
     """Swap the model's tied FP16 embedding / lm_head for its `bits`-bit grid (sagekit.quant.head, the product's
     code), dequantised; returns the change in stored bytes."""
     e = np.asarray(model.weights.embed, np.float32)
-    arrays, _ = quantize_head(e, EMBED, bits, 0)
+    arrays, _ = quantize_head(e, EMBED, bits, 0, h)
     e_hat = PackedGrid.from_arrays(arrays, e.shape).unpack().astype(np.float32)
     model.weights = dataclasses.replace(model.weights, embed=e_hat, lm_head=DenseLinear(e_hat))
     return sum(a.nbytes for a in arrays.values()) - 2 * e.size

@@ -132,6 +132,16 @@ class Checkpoint:
                                "fetch it again")
         return w
 
+    def float16(self, name: str) -> np.ndarray:
+        """A float tensor as float16 (FP16 files: without a float32 copy), NaN or Inf refused as in float32()."""
+        w = self.file_of(name).float16(name)
+        with np.errstate(invalid="ignore", over="ignore"):
+            finite = np.isfinite(np.sum(w, dtype=np.float64))
+        if not finite:
+            raise SagekitError(f"{self.path}: tensor '{name}' holds NaN or Inf values: the checkpoint is damaged; "
+                               "fetch it again")
+        return w
+
     def raw(self, name: str) -> np.ndarray:
         return self.file_of(name).raw(name)
 

@@ -64,7 +64,7 @@ def load_embedding(ckpt: Checkpoint, backend: Backend) -> Any:
             return backend.asarray(layout.unpack().astype(np.float32))
         return GridEmbedding(GridLinear(layout, backend), None if layout.rot is None else int(layout.rot[0]))
     if ckpt.quantization is not None and not backend.is_gpu:
-        return ckpt.float32(f"{EMBED}.weight").astype(np.float16)
+        return ckpt.float16(f"{EMBED}.weight")
     return backend.asarray(ckpt.float32(f"{EMBED}.weight"))
 
 
@@ -83,7 +83,7 @@ def load_model(path: str | Path, backend: Backend, max_seq_len: int, kernels: bo
         elif c.tie_embeddings:
             lm_head = HalfLinear(embed) if half else DenseLinear(embed)
         elif half and not packed.is_packed(ckpt, HEAD):
-            lm_head = HalfLinear(ckpt.float32(f"{HEAD}.weight").astype(np.float16))
+            lm_head = HalfLinear(ckpt.float16(f"{HEAD}.weight"))
         else:
             lm_head = _linear(ckpt, HEAD, backend, kernels)
         weights = Weights(embed, layers, _vector(ckpt, f"{FINAL_NORM}.weight", backend), lm_head)

@@ -22,11 +22,11 @@ import numpy as np
 
 from sagekit.backend import Backend
 from sagekit.errors import SagekitError
-from sagekit.format.architecture import layer_prefix
+from sagekit.format.architecture import FINAL_NORM, layer_prefix
 from sagekit.io.checkpoint import Checkpoint
 from sagekit.io.text import read_text
 from sagekit.model.linear import DenseLinear, Linear
-from sagekit.model.llama import Layer, RunState, block, embed_tokens
+from sagekit.model.llama import Layer, RunState, block, embed_tokens, rmsnorm
 from sagekit.model.load import load_embedding, load_layer
 from sagekit.model.tokenizer import load_tokenizer
 from sagekit.quant.hessian import drift_target
@@ -172,11 +172,15 @@ class LayerwiseCalibration:
 
     fp_targets: also carry the FP16 model's residual stream and quantise each linear towards
     drift_target (GPTAQ's asymmetric calibration); it costs a second forward pass per layer.
+    head: after the last layer, also record `head_hessian`, the H of the lm_head's inputs (the final norm's
+    outputs on the quantised model), for a packed head (sagekit.quant.head).
     """
 
-    def __init__(self, ckpt: Checkpoint, backend: Backend, windows: np.ndarray, fp_targets: bool = False):
-        self.ckpt, self.backend, self.windows, self.fp_targets = ckpt, backend, windows, fp_targets
+    def __init__(self, ckpt: Checkpoint, backend: Backend, windows: np.ndarray, fp_targets: bool = False,
+                 head: bool = False):
+        self.ckpt, self.backend, self.windows, self.fp_targets, self.head = ckpt, backend, windows, fp_targets, head
         self.forward_seconds = 0.0
+        self.head_hessian: np.ndarray | None = None
 
     def run(self, names: set[str], read: Callable[[str], np.ndarray], quantize: Quantizer,
             stored: set[str] | frozenset[str] = frozenset()) -> Iterator[tuple[Any, Any]]:
@@ -214,6 +218,12 @@ class LayerwiseCalibration:
             for j in range(len(hidden)):
                 hidden[j] = block(layer, state, 0, hidden[j], 0)
             self.forward_seconds += time.perf_counter() - t0
+        if self.head:
+            norm = xp.asarray(ckpt.float32(f"{FINAL_NORM}.weight"), dtype=xp.float32)
+            acc = HessianAccumulator(xp, cfg.dim)
+            for h in hidden:
+                acc.add(rmsnorm(state, h, norm))
+            self.head_hessian = acc.hessian(backend)
 
     def _record(self, state: RunState, layer: Layer, hidden: Any, hidden_fp: Any | None,
                 todo: bool) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:

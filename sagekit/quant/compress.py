@@ -194,7 +194,7 @@ class _Run:
             init_worker(str(self.src), None)
             self.calib = LayerwiseCalibration(worker_checkpoint(), get_backend(opts.device),
                                               calibration_windows(self.ckpt.folder, opts.calib),
-                                              opts.calib.fp_targets)
+                                              opts.calib.fp_targets, head=bool(self.head))
             results = self._calibrated()
         else:
             todo = [n for n in self.names if n not in store]
@@ -208,11 +208,14 @@ class _Run:
         return [stats[n] for n in self.names]
 
     def quantize_head(self, on_step: Callable | None) -> list[MatrixStats]:
-        """The embedding (and an untied lm_head) at --head-bits, kept in the store like the linears."""
+        """The embedding (and an untied lm_head) at --head-bits, kept in the store like the linears; rounded
+        under the lm_head inputs' Hessian when the run is calibrated."""
+        h = None if self.calib is None else self.calib.head_hessian
         for name in self.head:
             if name not in self.store:
                 w = self.ckpt.float32(name + ".weight")
-                arrays, st = quantize_head(w, name, self.opts.head_bits, getattr(self.knobs, "seed", 0) or 0)
+                arrays, st = quantize_head(w, name, self.opts.head_bits, getattr(self.knobs, "seed", 0) or 0,
+                                           h if name == head.lm_head_name(self.ckpt.config) else None)
                 self.store.put(name, arrays, asdict(st))
                 if on_step:
                     on_step(st)

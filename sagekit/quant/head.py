@@ -1,9 +1,11 @@
-"""The token embedding and lm_head at `--head-bits` (issue 14): the grid recipe, data-free.
+"""The token embedding and lm_head at `--head-bits` (issue 14): the grid recipe, data-free or, with
+calibration, rounded by LDLQ under the Hessian of the lm_head's inputs (the final norm's outputs).
 
 A tied embedding is the largest tensor of a small model (SmolLM2-135M: 28.3M of its 134.5M weights, 56.6 MB of
 a 73 MB 1.2-bit folder in FP16). It is stored with the `sage-grid` layout (one FP16 scale per vocabulary row,
 2^bits Lloyd levels, input-side rotation), the same bytes the decoder linears use; the model looks rows up
-through it and runs the lm_head GEMV on it. No Hessian: the calibration pass stops before the head.
+through it and runs the lm_head GEMV on it. A tied matrix is rounded for its lm_head use: the logits are
+what the perplexity reads, and an embedding row's error reaches them only through the decoder.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ def head_names(config: LlamaConfig) -> list[str]:
     return [EMBED] if config.tie_embeddings else [EMBED, HEAD]
 
 
-def quantize_head(w: np.ndarray, name: str, bits: int, seed: int) -> tuple[dict[str, np.ndarray], MatrixStats]:
-    """(stored arrays, stats) of one head tensor (vocab, dim) at `bits`."""
-    packed, stats = sage_grid.quantize(w, None, name, bits=bits, seed=seed)
+def lm_head_name(config: LlamaConfig) -> str:
+    """The tensor that computes the logits: the embedding when tied, else lm_head (the one a Hessian fits)."""
+    return EMBED if config.tie_embeddings else HEAD
+
+
+def quantize_head(w: np.ndarray, name: str, bits: int, seed: int,
+                  h: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], MatrixStats]:
+    """(stored arrays, stats) of one head tensor (vocab, dim) at `bits`; h: the lm_head inputs' Hessian, if any."""
+    packed, stats = sage_grid.quantize(w, h, name, bits=bits, seed=seed, act_order=h is not None)
     return packed.arrays(), stats
