@@ -254,7 +254,7 @@ def load(path: str | Path | None = None, device: str = "auto", context_length: i
 def compress(src: str | Path | None, out: str | Path, *, method: str = "sage", recipe: str | None = None,
              target_bpw: float | None = None, calib: str | Path | None = None, calib_samples: int = 128,
              calib_seqlen: int = 2048, calib_seed: int = 0, fp_targets: bool = False, skip: str | None = None,
-             workers: int = 1, device: str = "auto", head_bits: int = 16, force: bool = False,
+             workers: int = 1, device: str = "auto", head_bits: int | None = None, force: bool = False,
              **knobs: Any) -> dict[str, Any]:
     """Compress `src` (None: the demo model) into the packed folder `out`; returns its report (report.json).
 

@@ -119,3 +119,12 @@ def test_a_calibrated_head_fits_the_lm_head_inputs(src, tmp_path):
     if name == HEAD:  # untied: the embedding is no lm_head and stays data-free
         with Checkpoint(tmp_path / "cal") as a, Checkpoint(tmp_path / "free") as b:
             np.testing.assert_array_equal(read_packed(a, EMBED).unpack(), read_packed(b, EMBED).unpack())
+
+
+def test_the_default_head_is_5_bits_calibrated_and_fp16_data_free(src, tmp_path):
+    from test_baselines import calibration_text
+
+    calib = ["--calib", str(calibration_text(tmp_path / "c.txt")), "--calib-samples", "2", "--calib-seqlen", "32"]
+    assert compress(src, tmp_path / "cal", "--bits", "4", *calib)["totals"]["head_bits"] == 5
+    assert compress(src, tmp_path / "free", "--bits", "4")["totals"]["head_bits"] == 16
+    assert compress(src, tmp_path / "kept", "--bits", "4", "--head-bits", "16", *calib)["totals"]["head_bits"] == 16

@@ -121,8 +121,9 @@ def compress_all(src: Path, work: Path, sweep: list[tuple[str, str, dict[str, An
             fields, m = dict(fields), registry.get(method)
             needs = fields.pop("calib", False) or m.calibration == "required"
             knobs = m.make_knobs(fields.pop("knobs")) if "knobs" in fields else None
+            # FP16 heads on every row: the tables compare the decoder linears (file bits add the same head)
             opts = CompressOptions(method=method, calib=calib if needs else None, device=device,
-                                   workers=workers, knobs=knobs, **fields)
+                                   workers=workers, knobs=knobs, head_bits=16, **fields)
             compress(src, folder, opts)
         reports[slug(method, label)] = json.loads((folder / "report.json").read_text())
     return reports

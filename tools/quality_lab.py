@@ -78,7 +78,8 @@ def quantize(w: np.ndarray, h: np.ndarray | None, r: dict, name: str) -> tuple[n
     Keys: bits, rot (default 1), rowscale (1), lloyd (1), ldlq (error feedback), rounds (LDLQ passes),
     order (LDLQ in act-order), sym (levels mirrored about 0), vq (codebook runs of that many weights instead of scalar levels), gptq.
     Per model (main): head=B packs the tied embedding / lm_head at B bits (headcal=1: under the lm_head
-    inputs' Hessian, as `sagekit compress --calib --head-bits B` does), lin=0 leaves the linears FP16."""
+    inputs' Hessian, as `sagekit compress --calib --head-bits B` does; headsym=1: levels mirrored about 0, which
+    the LUT kernel runs), lin=0 leaves the linears FP16."""
     if r.get("gptq"):  # the calibrated peer: plain GPTQ, groups of 64, act-order
         packed, _ = gptq.quantize(w, h, name, r["bits"])
         return packed.unpack(), packed.nbytes
@@ -170,7 +171,7 @@ def main() -> None:
             hh = None
             if r.get("headcal"):
                 hh = head_hessian(ref, folder, 8, 2048, Path("/tmp/sagekit_headhess_8x2048.npy"))
-            file_rest += pack_head(model, r["head"], hh)
+            file_rest += pack_head(model, r["head"], hh, "symmetric" if r.get("headsym") else "lloyd")
         if not r.get("lin", 1):  # the linears stay FP16
             stored, n_weights = 2 * sum(w.size for w in dense.values()), sum(w.size for w in dense.values())
         for i, layer in enumerate(model.layers if r.get("lin", 1) else []):
@@ -203,11 +204,11 @@ def main() -> None:
                                           "file_mb": round((stored + file_rest) / 1e6, 2)})
 
 
-def pack_head(model, bits: int, h: np.ndarray | None = None) -> int:
+def pack_head(model, bits: int, h: np.ndarray | None = None, levels: str = "lloyd") -> int:
     """Swap the model's tied FP16 embedding / lm_head for its `bits`-bit grid (sagekit.quant.head, the product's
     code), dequantised; returns the change in stored bytes."""
     e = np.asarray(model.weights.embed, np.float32)
-    arrays, _ = quantize_head(e, EMBED, bits, 0, h)
+    arrays, _ = quantize_head(e, EMBED, bits, 0, h, levels)
     e_hat = PackedGrid.from_arrays(arrays, e.shape).unpack().astype(np.float32)
     model.weights = dataclasses.replace(model.weights, embed=e_hat, lm_head=DenseLinear(e_hat))
     return sum(a.nbytes for a in arrays.values()) - 2 * e.size

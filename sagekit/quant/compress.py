@@ -44,7 +44,7 @@ class CompressOptions:
     workers: int = 1
     calib: CalibOptions | None = None
     device: str = "cpu"  # where the calibration forward passes run
-    head_bits: int = head.FP16  # the embedding / lm_head: 16 keeps FP16, 2-8 packs it (sagekit.quant.head)
+    head_bits: int | None = None  # the embedding / lm_head: 16 keeps FP16, 2-8 packs it, None: head.default_bits
 
     def resolve(self) -> tuple[registry.Method, Any]:
         method = registry.get(self.method)
@@ -69,7 +69,7 @@ def check_options(opts: CompressOptions) -> tuple[registry.Method, Any]:
         users = [registry.cli_label(n) for n in registry.MODULES if registry.get(n).calibration != "none"]
         raise SagekitError(f"--method {label} uses the weights only here; --calib applies to {', '.join(users)} "
                            "(and to sage --recipe paper --saliency hessian)")
-    if opts.head_bits != head.FP16 and not 2 <= opts.head_bits <= 8:
+    if opts.head_bits is not None and opts.head_bits != head.FP16 and not 2 <= opts.head_bits <= 8:
         raise SagekitError(f"--head-bits must be 2 to 8, or 16 for an FP16 head; not {opts.head_bits}")
     if opts.target_bpw is not None and method.plan is None:
         steered = sorted({n.split("-")[0] for n in registry.MODULES if registry.get(n).plan is not None})
@@ -99,6 +99,10 @@ def compress(src: Path, out_dir: Path, opts: CompressOptions, force: bool = Fals
     curves); on_note gets one-line messages (resuming, starting over).
     """
     method, knobs = check_options(opts)
+    if opts.head_bits is None:
+        need = method.calibration_of(knobs)
+        calibrated = need == "required" or (need == "optional" and opts.calib is not None)
+        opts = dataclasses.replace(opts, head_bits=head.default_bits(calibrated))
     check_output_dir(out_dir, force)
     t_start = time.perf_counter()
     with Checkpoint(src) as ckpt:

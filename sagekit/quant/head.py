@@ -19,6 +19,15 @@ from sagekit.quant import sage_grid
 
 LAYOUT = "sage-grid"
 FP16 = 16  # --head-bits 16 keeps the head as it was
+# measured on the demo model, FP16 linears, first 16 windows of wiki.test.txt (FP16 20.71; docs/RESULTS.md):
+# 5 bits cost 1.9% in perplexity data-free and 0.56% calibrated, 4 bits calibrated 2.1%; the budget is 1%
+CALIBRATED_BITS = 5
+
+
+def default_bits(calibrated: bool) -> int:
+    """--head-bits when not given: the fewest bits measured within 1% perplexity, so 5 with calibration
+    (the lm_head rounded under its inputs' Hessian) and FP16 without."""
+    return CALIBRATED_BITS if calibrated else FP16
 
 
 def head_names(config: LlamaConfig) -> list[str]:
@@ -31,8 +40,8 @@ def lm_head_name(config: LlamaConfig) -> str:
     return EMBED if config.tie_embeddings else HEAD
 
 
-def quantize_head(w: np.ndarray, name: str, bits: int, seed: int,
-                  h: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], MatrixStats]:
+def quantize_head(w: np.ndarray, name: str, bits: int, seed: int, h: np.ndarray | None = None,
+                  levels: str = "lloyd") -> tuple[dict[str, np.ndarray], MatrixStats]:
     """(stored arrays, stats) of one head tensor (vocab, dim) at `bits`; h: the lm_head inputs' Hessian, if any."""
-    packed, stats = sage_grid.quantize(w, h, name, bits=bits, seed=seed, act_order=h is not None)
+    packed, stats = sage_grid.quantize(w, h, name, bits=bits, seed=seed, levels=levels, act_order=h is not None)
     return packed.arrays(), stats
