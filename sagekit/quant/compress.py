@@ -77,6 +77,12 @@ def check_options(opts: CompressOptions) -> tuple[registry.Method, Any]:
     return method, knobs
 
 
+def calibrates(method: registry.Method, knobs: Any, opts: CompressOptions) -> bool:
+    """Whether the run goes layer by layer through calibration text."""
+    need = method.calibration_of(knobs)
+    return need == "required" or (need == "optional" and opts.calib is not None)
+
+
 def _quantize_one(w: np.ndarray, name: str, args: tuple[str, dict[str, Any]]) -> tuple[dict[str, np.ndarray], MatrixStats]:
     method, knobs = args
     try:
@@ -100,9 +106,7 @@ def compress(src: Path, out_dir: Path, opts: CompressOptions, force: bool = Fals
     """
     method, knobs = check_options(opts)
     if opts.head_bits is None:
-        need = method.calibration_of(knobs)
-        calibrated = need == "required" or (need == "optional" and opts.calib is not None)
-        opts = dataclasses.replace(opts, head_bits=head.default_bits(calibrated))
+        opts = dataclasses.replace(opts, head_bits=head.default_bits(calibrates(method, knobs, opts)))
     check_output_dir(out_dir, force)
     t_start = time.perf_counter()
     with Checkpoint(src) as ckpt:
@@ -157,8 +161,7 @@ class _Run:
         self.resumed = len(store)
 
     def calibrates(self) -> bool:
-        need = self.method.calibration_of(self.knobs)
-        return need == "required" or (need == "optional" and self.opts.calib is not None)
+        return calibrates(self.method, self.knobs, self.opts)
 
     def _make_plan(self, on_start: Callable | None, on_step: Callable | None) -> dict[str, Any]:
         """The method's plan for --target-bpw (kept in the store, so a resume reuses it); {} without a target."""
