@@ -6,8 +6,10 @@ It runs the layouts whose values are not a sign times a magnitude, so not the `s
   * `sage-grid` with free levels: D = 8 // B codes of B bits joined into one byte (K = 2^(B D)), the
     codewords every D-tuple of levels. That holds 8 / D bits a weight (4 at 3 bits, 8 at 5).
 Method, decode (a few tokens): a table T[j, c] = codeword c . x[jD : jD + D] (runs x K float32, built once
-per token), then y_r = scale_r * sum_j T[j, code of row r's run j]: one AVX-512 gather serves 16 rows
-(llvm_intrinsics.table_rows16), against 16 D multiply-adds and 64 D bytes for dense float32. Prefill: rows
+per token), then y_r = scale_r * sum_j T[j, code of row r's run j], against D multiply-adds and 4 D bytes a
+run for dense float32. With AVX-512 and 256 entries a run's table sits in 16 registers and 8 `vpermt2ps` and
+a blend tree look 16 rows up (llvm_intrinsics.table_run_blocks); otherwise one gather serves 16 rows
+(table_rows16), as it does for the large products that run on two threads. Prefill: rows
 decoded 128 at a time into a float32 tile, then BLAS, which beats a table read per run from a few tokens on.
 """
 
@@ -20,7 +22,7 @@ from numba import njit, prange
 
 from sagekit.format.sage_grid import PackedGrid
 from sagekit.format.sage_vq import PackedVQ
-from sagekit.kernels.llvm_intrinsics import ROWS, table_rows16
+from sagekit.kernels.llvm_intrinsics import AVX512, ROWS, table_rows16, table_run_blocks
 from sagekit.kernels.serial_twin import serial_twin
 
 # One gather of 16 table entries took about 9 ns here (EPYC, Zen 4: 0.56 ns a byte), the FP16 kernel about
@@ -119,6 +121,19 @@ def _table_matmul(tables: np.ndarray, k: int, codes: np.ndarray, runs: int, chun
     return y.reshape(n_tok, blocks * ROWS)
 
 
+@njit(cache=True, fastmath=True)
+def _permute_matmul(tables: np.ndarray, codes: np.ndarray, runs: int, blocks: int) -> np.ndarray:
+    """_table_matmul for 256-entry tables on AVX-512: run by run, the run's table in registers, all rows."""
+    n_tok = tables.shape[0]
+    y = np.zeros(n_tok * blocks * ROWS, dtype=np.float32)
+    flat = tables.reshape(-1)
+    for t in range(n_tok):
+        yt = y[t * blocks * ROWS:(t + 1) * blocks * ROWS]
+        for j in range(runs):
+            table_run_blocks(yt, flat, (t * runs + j) * 256, codes, j * ROWS, runs * ROWS, blocks)
+    return y.reshape(n_tok, blocks * ROWS)
+
+
 _tables_serial = serial_twin(_tables)
 _table_matmul_serial = serial_twin(_table_matmul)
 
@@ -152,8 +167,11 @@ def codebook_matmul(x: np.ndarray, w: CodebookCPU) -> np.ndarray:
     if xp.shape[0] <= TABLE_MAX_TOKENS:
         small = xp.size * out < PARALLEL_MIN_WEIGHTS
         tables = (_tables_serial if small else _tables)(xp, np.ascontiguousarray(w.codewords.T))
-        chunk = max(1, CHUNK_BYTES // (4 * k))
-        y = (_table_matmul_serial if small else _table_matmul)(tables, k, w.codes, runs, chunk)
+        if AVX512 and k == 256 and small:
+            y = _permute_matmul(tables, w.codes, runs, w.codes.size // (runs * ROWS))
+        else:
+            chunk = max(1, CHUNK_BYTES // (4 * k))
+            y = (_table_matmul_serial if small else _table_matmul)(tables, k, w.codes, runs, chunk)
         return y[:, :out] * w.scale
     y = np.empty((xp.shape[0], out), dtype=np.float32)
     tile = np.empty((TILE_ROWS, runs * w.dim), dtype=np.float32)
