@@ -47,8 +47,9 @@ def compress(
     head_bits: Optional[int] = typer.Option(None, help="Bits of the token embedding and lm_head (tied on the "
                                             "demo model: 21% of its weights), packed with the grid recipe: 2 to 8, "
                                             "or 16 to keep them FP16. With --calib the lm_head is rounded under its "
-                                            "inputs' Hessian. Default: 5 with --calib (+0.56% ppl on the demo "
-                                            "model), 16 without (data-free 5 bits cost 1.9%)."),
+                                            "inputs' Hessian. Default: 5 for sage with --calib (+0.56% ppl on the "
+                                            "demo model), else 16 (data-free 5 bits cost 1.9%; baselines keep "
+                                            "FP16)."),
     skip: Optional[str] = typer.Option(None, help="Regex of linear names to keep in FP16, "
                                        "e.g. 'layers\\.0\\.|down_proj'."),
     workers: int = typer.Option(1, min=1, help="Processes quantising matrices in parallel (same output bytes)."),
