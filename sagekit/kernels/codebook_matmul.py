@@ -8,7 +8,7 @@ It runs the layouts whose values are not a sign times a magnitude, so not the `s
 Method, decode (a few tokens): a table T[j, c] = codeword c . x[jD : jD + D] (runs x K float32, built once
 per token), then y_r = scale_r * sum_j T[j, code of row r's run j], against D multiply-adds and 4 D bytes a
 run for dense float32. With AVX-512 and 256 entries a run's table sits in 16 registers and 8 `vpermt2ps` and
-a blend tree look 16 rows up (llvm_intrinsics.table_run_blocks); otherwise one gather serves 16 rows
+a blend tree look 16 rows up (codebook_intrinsics.table_run_blocks); otherwise one gather serves 16 rows
 (table_rows16), as it does for the large products that run on two threads. Prefill: rows
 decoded 128 at a time into a float32 tile, then BLAS, which beats a table read per run from a few tokens on.
 """
@@ -22,11 +22,13 @@ from numba import njit, prange
 
 from sagekit.format.sage_grid import PackedGrid
 from sagekit.format.sage_vq import PackedVQ
-from sagekit.kernels.llvm_intrinsics import AVX512, ROWS, table_rows16, table_run_blocks
+from sagekit.kernels.codebook_intrinsics import table_rows16, table_run_blocks
+from sagekit.kernels.llvm_intrinsics import AVX512, ROWS
 from sagekit.kernels.serial_twin import serial_twin
 
-# One gather of 16 table entries took about 9 ns here (EPYC, Zen 4: 0.56 ns a byte), the FP16 kernel about
-# 0.13 ns a weight: a byte has to code 3+ weights to keep up, so shorter runs stay on the FP16 runtime.
+# Set from the gather: 16 table entries took about 9 ns here (EPYC, Zen 4: 0.56 ns a byte), the FP16 kernel
+# about 0.13 ns a weight, so a byte had to code 3+ weights to keep up; the register lookup (0.24 ns a byte)
+# may move it to 2, not measured yet.
 MIN_RUN = 3
 TABLE_MAX_TOKENS = 3  # from 4 tokens on, decoding row tiles for BLAS costs less than a table read per run
 TILE_ROWS = 128  # rows decoded at a time for BLAS: the only dense float32 scratch, (128, in)
@@ -42,6 +44,7 @@ class CodebookCPU:
     # 16 b + i's run j (rows past `out` hold code 0), so a block of rows reads its codes front to back
     codes: np.ndarray
     codewords: np.ndarray  # float32 (K, D)
+    codewords_t: np.ndarray  # float32 (D, K), C-contiguous: what the table builder reads, made once at load
     scale: np.ndarray  # float32 (out,)
     shape: tuple[int, int]  # (out, in); runs * D >= in, the padding weights multiply zero inputs
 
@@ -55,7 +58,7 @@ class CodebookCPU:
 
     @property
     def nbytes(self) -> int:
-        return int(self.codes.nbytes + self.codewords.nbytes + self.scale.nbytes)
+        return int(self.codes.nbytes + self.codewords.nbytes + self.codewords_t.nbytes + self.scale.nbytes)
 
 
 def _blocked(codes: np.ndarray) -> np.ndarray:
@@ -76,7 +79,7 @@ def prepare_codebook(p: PackedVQ | PackedGrid) -> CodebookCPU:
     """The kernel's layout of a `sage-vq` matrix (its codes as stored) or a `sage-grid` one (D = 8 // B level
     indices a byte, the first weight of a run in the low bits, a last partial run padded with index 0)."""
     if isinstance(p, PackedVQ):
-        return CodebookCPU(_blocked(p.codes), p.codewords(), p.scale.astype(np.float32), p.shape)
+        return _codebook(_blocked(p.codes), p.codewords(), p.scale, p.shape)
     out, in_ = p.shape
     d = run_length(p)
     idx = np.zeros((out, -(-in_ // d) * d), dtype=np.uint32)
@@ -86,7 +89,11 @@ def prepare_codebook(p: PackedVQ | PackedGrid) -> CodebookCPU:
         joined |= idx[:, i::d] << (p.bits * i)
     digits = (np.arange((1 << p.bits) ** d)[:, None] >> (p.bits * np.arange(d))[None, :]) & ((1 << p.bits) - 1)
     words = p.levels.astype(np.float32)[digits]
-    return CodebookCPU(_blocked(joined.astype(np.uint8)), words, p.scale.astype(np.float32), p.shape)
+    return _codebook(_blocked(joined.astype(np.uint8)), words, p.scale, p.shape)
+
+
+def _codebook(codes: np.ndarray, words: np.ndarray, scale: np.ndarray, shape: tuple[int, int]) -> CodebookCPU:
+    return CodebookCPU(codes, words, np.ascontiguousarray(words.T), scale.astype(np.float32), shape)
 
 
 @njit(cache=True, fastmath=True, parallel=True)
@@ -166,7 +173,7 @@ def codebook_matmul(x: np.ndarray, w: CodebookCPU) -> np.ndarray:
     xp = _padded(x, runs * w.dim)
     if xp.shape[0] <= TABLE_MAX_TOKENS:
         small = xp.size * out < PARALLEL_MIN_WEIGHTS
-        tables = (_tables_serial if small else _tables)(xp, np.ascontiguousarray(w.codewords.T))
+        tables = (_tables_serial if small else _tables)(xp, w.codewords_t)
         if AVX512 and k == 256 and small:
             y = _permute_matmul(tables, w.codes, runs, w.codes.size // (runs * ROWS))
         else:

@@ -1,0 +1,102 @@
+"""LLVM IR of the codebook matmul's lookups (codebook_matmul.py): a 16-row table gather per run, and with
+AVX-512 a run's 256-entry table held in registers. Built on llvm_intrinsics' helpers; the same cache caveat
+holds: after editing here, clear Numba's cache.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from sagekit.kernels.llvm_intrinsics import _F16, _I8P, _I16, AVX512, ROWS, _Loop, _vector_ptr
+
+
+def _gather16(builder, base, idx):
+    """16 lanes of base[idx] for a float32 base pointer: one AVX-512 `vgatherdps`, else 16 scalar loads."""
+    if AVX512:
+        i1x16 = ir.VectorType(ir.IntType(1), ROWS)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_F16, [_F16, _I8P, _I16, i1x16, ir.IntType(32)]),
+            "llvm.x86.avx512.mask.gather.dps.512")
+        return builder.call(fn, [ir.Constant(_F16, None), builder.bitcast(base, _I8P), idx,
+                                 ir.Constant(i1x16, [1] * ROWS), ir.Constant(ir.IntType(32), 4)])
+    out = ir.Constant(_F16, None)
+    for lane in range(ROWS):
+        i = builder.extract_element(idx, ir.Constant(ir.IntType(32), lane))
+        out = builder.insert_element(out, builder.load(builder.gep(base, [i])), ir.Constant(ir.IntType(32), lane))
+    return out
+
+
+@intrinsic
+def table_rows16(typingctx, acc, a0, tab, t0, k, codes, c0, runs):
+    """acc[a0:a0+16] += sum_{j < runs} tab[t0 + k j + codes[c0 + 16 j + i]] in lane i: sixteen rows of the
+    codebook matmul (codebook_matmul.py), one gather per run of D weights.
+
+    Layout: codes uint8 flat, a 16-row block's codes run by run, [c0 + 16 j + i] = row i's code of run j;
+    tab float32 flat, one token's table from t0, k entries per run. Two accumulators take alternate runs so
+    an add does not wait on the one before it."""
+    if not (all(isinstance(a, types.Array) and a.dtype == types.float32 for a in (acc, tab))
+            and isinstance(codes, types.Array) and codes.dtype == types.uint8
+            and all(t == types.int64 for t in (a0, t0, k, c0, runs))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        acc_v, a0_v, tab_v, t0_v, k_v, codes_v, c0_v, runs_v = args
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        tab_data = context.make_array(sig.args[2])(context, builder, tab_v).data
+        codes_data = context.make_array(sig.args[5])(context, builder, codes_v).data
+        base = builder.gep(tab_data, [t0_v])
+        loop = _Loop(builder, ir.Constant(i64, 0), runs_v, carried=2, name="table16")
+        j, accs = loop.i, loop.values
+        ptr = builder.gep(codes_data, [builder.add(c0_v, builder.mul(j, ir.Constant(i64, ROWS)))])
+        code = builder.zext(builder.load(builder.bitcast(ptr, ir.VectorType(ir.IntType(8), ROWS).as_pointer()),
+                                         align=1), _I16)
+        first = builder.insert_element(ir.Constant(_I16, None), builder.trunc(builder.mul(j, k_v), i32),
+                                       ir.Constant(i32, 0))
+        offset = builder.shuffle_vector(first, ir.Constant(_I16, None), ir.Constant(_I16, [0] * ROWS))
+        loop.end([accs[1], builder.fadd(accs[0], _gather16(builder, base, builder.add(code, offset)))])
+        pa = _vector_ptr(context, builder, sig.args[0], acc_v, a0_v, _F16)
+        builder.store(builder.fadd(builder.load(pa, align=4), builder.fadd(accs[0], accs[1])), pa, align=4)
+
+    return types.void(acc, a0, tab, t0, k, codes, c0, runs), codegen
+
+
+@intrinsic
+def table_run_blocks(typingctx, acc, tab, t0, codes, c0, stride, blocks):
+    """acc[16 b + i] += tab[t0 + codes[c0 + stride b + i]] for every 16-row block b < blocks: one run of the
+    codebook matmul for all rows, its 256-entry table held in 16 registers (AVX-512 only).
+
+    Each lane picks its entry with eight 32-entry `vpermt2ps` lookups (the low 5 code bits) and a 3-level
+    blend tree on code bits 5, 6 and 7, which on this core beats one `vgatherdps` per 16 rows.
+    Layout: codes uint8 flat, block b's 16 codes of the run at c0 + stride b; acc float32 (16 blocks,)."""
+    if not (AVX512 and all(isinstance(a, types.Array) and a.dtype == types.float32 for a in (acc, tab))
+            and isinstance(codes, types.Array) and codes.dtype == types.uint8
+            and all(t == types.int64 for t in (t0, c0, stride, blocks))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        acc_v, tab_v, t0_v, codes_v, c0_v, stride_v, blocks_v = args
+        i64 = ir.IntType(64)
+        acc_data = context.make_array(sig.args[0])(context, builder, acc_v).data
+        tab_data = context.make_array(sig.args[1])(context, builder, tab_v).data
+        codes_data = context.make_array(sig.args[3])(context, builder, codes_v).data
+        regs = [builder.load(builder.bitcast(builder.gep(tab_data, [builder.add(t0_v, ir.Constant(i64, 16 * m))]),
+                                             _F16.as_pointer()), align=4) for m in range(16)]
+        perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F16, [_F16, _I16, _F16]),
+                                              "llvm.x86.avx512.vpermi2var.ps.512")
+        loop = _Loop(builder, ir.Constant(i64, 0), blocks_v, name="run16")
+        b = loop.i
+        ptr = builder.gep(codes_data, [builder.add(c0_v, builder.mul(b, stride_v))])
+        idx = builder.zext(builder.load(builder.bitcast(ptr, ir.VectorType(ir.IntType(8), ROWS).as_pointer()),
+                                        align=1), _I16)
+        picks = [builder.call(perm, [regs[2 * m], idx, regs[2 * m + 1]]) for m in range(8)]
+        for bit in (32, 64, 128):
+            high = builder.icmp_unsigned("!=", builder.and_(idx, ir.Constant(_I16, [bit] * ROWS)),
+                                         ir.Constant(_I16, [0] * ROWS))
+            picks = [builder.select(high, hi, lo) for lo, hi in zip(picks[0::2], picks[1::2])]
+        pa = builder.bitcast(builder.gep(acc_data, [builder.mul(b, ir.Constant(i64, ROWS))]), _F16.as_pointer())
+        builder.store(builder.fadd(builder.load(pa, align=4), picks[0]), pa, align=4)
+        loop.end()
+
+    return types.void(acc, tab, t0, codes, c0, stride, blocks), codegen
