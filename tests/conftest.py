@@ -6,13 +6,30 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from sagekit.format.sage_vq import pack_vq
 from sagekit.io.synthetic import SHAPES, llama_config, write_random_checkpoint
+from sagekit.quant import sage_grid
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WIKI_TEST = SHARED / "data" / "wikitext2" / "wiki.test.txt"
 WIKI_VALID = SHARED / "data" / "wikitext2" / "wiki.valid.tokens"
+
+
+def random_vq(shape: tuple[int, int], dim: int, seed: int):
+    """A `sage-vq` matrix of random codes, row scales and codebook (rotated by seed)."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 256, (shape[0], shape[1] // dim))
+    book = rng.standard_normal((256, dim)) * 0.1
+    return pack_vq(codes, rng.uniform(0.5, 2.0, shape[0]), book, seed)
+
+
+def random_grid(shape: tuple[int, int], bits: int, seed: int):
+    """A `sage-grid` matrix with free Lloyd levels, quantised from Gaussian weights."""
+    w = np.random.default_rng(seed).standard_normal(shape)
+    return sage_grid.quantize(w, None, "x.up_proj", bits=bits, levels="lloyd")[0]
 
 
 def tiny_config(**overrides):

@@ -75,11 +75,12 @@ def run_length(p: PackedVQ | PackedGrid) -> int:
     return p.dim if isinstance(p, PackedVQ) else max(1, 8 // p.bits)
 
 
-def prepare_codebook(p: PackedVQ | PackedGrid) -> CodebookCPU:
-    """The kernel's layout of a `sage-vq` matrix (its codes as stored) or a `sage-grid` one (D = 8 // B level
-    indices a byte, the first weight of a run in the low bits, a last partial run padded with index 0)."""
+def byte_codes(p: PackedVQ | PackedGrid) -> tuple[np.ndarray, np.ndarray]:
+    """(codes uint8 (out, runs), codewords float32 (K, D)): a `sage-vq` matrix's codes as stored, or a
+    `sage-grid` one's D = 8 // B level indices joined into a byte (the first weight of a run in the low bits,
+    a last partial run padded with index 0). Every codebook kernel, CPU or GPU, starts from these."""
     if isinstance(p, PackedVQ):
-        return _codebook(_blocked(p.codes), p.codewords(), p.scale, p.shape)
+        return p.codes, p.codewords()
     out, in_ = p.shape
     d = run_length(p)
     idx = np.zeros((out, -(-in_ // d) * d), dtype=np.uint32)
@@ -88,8 +89,13 @@ def prepare_codebook(p: PackedVQ | PackedGrid) -> CodebookCPU:
     for i in range(d):
         joined |= idx[:, i::d] << (p.bits * i)
     digits = (np.arange((1 << p.bits) ** d)[:, None] >> (p.bits * np.arange(d))[None, :]) & ((1 << p.bits) - 1)
-    words = p.levels.astype(np.float32)[digits]
-    return _codebook(_blocked(joined.astype(np.uint8)), words, p.scale, p.shape)
+    return joined.astype(np.uint8), p.levels.astype(np.float32)[digits]
+
+
+def prepare_codebook(p: PackedVQ | PackedGrid) -> CodebookCPU:
+    """The CPU kernel's layout of a `sage-vq` or `sage-grid` matrix (byte_codes, blocked 16 rows at a time)."""
+    codes, words = byte_codes(p)
+    return _codebook(_blocked(codes), words, p.scale, p.shape)
 
 
 def _codebook(codes: np.ndarray, words: np.ndarray, scale: np.ndarray, shape: tuple[int, int]) -> CodebookCPU:

@@ -59,7 +59,10 @@ class HalfLinear:
 
 
 class GridLinear:
-    """The `sage-grid` and `sage-vq` layouts on the CPU, fed R x (the rotation: two small matmuls per input).
+    """The `sage-grid` and `sage-vq` layouts, fed R x (the rotation: two small matmuls per input).
+
+    On the GPU every such matrix runs on the codebook RawKernels (sagekit.kernels.codebook_cuda) at one byte
+    a run of weights. On the CPU:
 
     Grid levels mirrored about 0 (`--levels symmetric`) run on the packed `sage` LUT kernel: the codes are a
     sign plane and magnitude-id planes (PackedGrid.as_sage), held at their stored size, and y is scaled per
@@ -74,6 +77,14 @@ class GridLinear:
         from sagekit.kernels import cpu
 
         self.out_features, self.in_features = packed.shape
+        seed = None if packed.rot is None else int(packed.rot[0])
+        self.gpu = None
+        if backend.is_gpu:
+            from sagekit.kernels import codebook_cuda
+
+            self.gpu, self.book, self.half, self.sage = codebook_cuda.to_device(packed), None, None, None
+            self._rotate = (lambda x: x) if seed is None else (lambda x: codebook_cuda.rotate(x, seed))
+            return
         sage = packed.as_sage() if hasattr(packed, "as_sage") else None
         if sage is not None and sage.n_groups <= cpu.MAX_GROUPS:
             self.book, self.half, self.sage = None, None, SageLinear(sage, backend)
@@ -82,12 +93,13 @@ class GridLinear:
             self.book, self.half, self.sage = cpu.prepare_codebook(packed), None, None
         else:
             self.book, self.half, self.sage = None, HalfLinear(packed.rotated().astype(np.float16)), None
-        seed = None if packed.rot is None else int(packed.rot[0])
         self._rotate = (lambda x: x) if seed is None else (lambda x: rotation.rotate(x, seed))
 
     def __call__(self, x: Any) -> Any:
-        from sagekit.kernels import cpu
+        from sagekit.kernels import codebook_cuda, cpu
 
+        if self.gpu is not None:
+            return codebook_cuda.codebook_matmul_gpu(self._rotate(x), self.gpu)
         if self.sage is not None:
             return self.sage(self._rotate(x)) * self._scale
         if self.book is not None:
@@ -106,6 +118,8 @@ class GridLinear:
 
     @property
     def nbytes(self) -> int:
+        if self.gpu is not None:
+            return self.gpu.nbytes
         if self.sage is not None:
             return self.sage.nbytes + self._scale.nbytes
         return (self.book if self.book is not None else self.half).nbytes

@@ -32,12 +32,12 @@ from sagekit.model.llama import Layer, Llama, Weights
 
 def _linear(ckpt: Checkpoint, prefix: str, backend: Backend, kernels: bool) -> Linear:
     """kernels=False dequantises packed weights on use instead of running the kernels (the reference path);
-    `sage` has packed kernels, `sage-grid` and `sage-vq` an FP16 runtime on the CPU, the other layouts always dequantise."""
+    `sage`, `sage-grid` and `sage-vq` have packed kernels on both backends, the other layouts always dequantise."""
     if packed.is_packed(ckpt, prefix):
         layout = packed.read_packed(ckpt, prefix)
         if kernels and isinstance(layout, PackedSage):
             return SageLinear(layout, backend)
-        if kernels and isinstance(layout, (PackedGrid, PackedVQ)) and not backend.is_gpu:
+        if kernels and isinstance(layout, (PackedGrid, PackedVQ)):
             return GridLinear(layout, backend)
         return DequantLinear(layout, backend)
     return DenseLinear(backend.asarray(ckpt.float32(prefix + ".weight")))
