@@ -21,6 +21,7 @@ from sagekit.backend import get_backend
 from sagekit.format import rotation
 from sagekit.format.sage_grid import pack_grid
 from sagekit.format.sage_vq import pack_vq
+from sagekit.kernels import cpu
 from sagekit.model.linear import GridLinear, HalfLinear
 
 
@@ -88,7 +89,11 @@ def main() -> None:
     ap.add_argument("--vq-dims", default="4,3", help="vq run lengths on the codebook kernel ('' for none)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--min-run", type=int, default=None,
+                    help="give the codebook kernel runs this short (GridLinear's MIN_RUN; to time vq D = 2 on it)")
     args = ap.parse_args()
+    if args.min_run is not None:
+        cpu.MIN_RUN = args.min_run
     print(json.dumps({"copy_gbps": round(copy_bandwidth(), 2)}), flush=True)
     for shape in args.shapes.split(","):
         out, in_ = map(int, shape.split("x"))
