@@ -21,10 +21,12 @@ def _check(packed, tokens: int) -> None:
     be = get_backend("cuda")
     lin = GridLinear(packed, be)
     x = np.random.default_rng(tokens).standard_normal((tokens, packed.shape[1])).astype(np.float16)
-    ref = x.astype(np.float64) @ packed.unpack().T.astype(np.float64)
+    w = packed.unpack().astype(np.float64)
+    ref = x.astype(np.float64) @ w.T
     got = be.to_numpy(lin(be.xp.asarray(x))).astype(np.float64)
     assert got.shape == ref.shape
-    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-2 * np.abs(ref).max())  # FP16 in and out
+    # FP16 rotation, weights (prefill) and output: errors scale with the terms summed, not with the sum
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-3 * (np.abs(x.astype(np.float64)) @ np.abs(w).T).max())
 
 
 @pytest.mark.parametrize("dim", DIMS)

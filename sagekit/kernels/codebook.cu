@@ -14,8 +14,10 @@ constexpr int WARP = 32;
 constexpr int MAX_ENTRIES = 256 * 8;  // K * D floats
 }  // namespace codebook
 
-// Decode GEMV, one warp per output row: lane l reads runs l, l+32, ... of the row, so a warp's code bytes
-// and its x reads (D halves a run) are contiguous; each run is one shared-memory codeword read.
+// Decode GEMV, one warp per output row at a time: lane l reads runs l, l+32, ... of the row, so a warp's
+// code bytes and its x reads (D halves a run) are contiguous; each run is one shared-memory codeword read.
+// The grid is a few blocks per SM whose warps stride over the rows, so the codebook is staged once a block,
+// not once per 8 rows.
 template <int D>
 __global__ void codebook_gemv(const unsigned char* __restrict__ codes, const float* __restrict__ book,
                               int entries, const float* __restrict__ scale, const __half* __restrict__ x,
@@ -23,22 +25,22 @@ __global__ void codebook_gemv(const unsigned char* __restrict__ codes, const flo
     __shared__ float words[codebook::MAX_ENTRIES];
     for (int i = threadIdx.x; i < entries * D; i += blockDim.x) words[i] = book[i];
     __syncthreads();
-    const int lane = threadIdx.x % codebook::WARP;
-    const int r = blockIdx.x * (blockDim.x / codebook::WARP) + threadIdx.x / codebook::WARP;
-    if (r >= out) return;
-    const unsigned char* row = codes + static_cast<size_t>(r) * runs;
-    float acc = 0.f;
-    for (int j = lane; j < runs; j += codebook::WARP) {
-        const float* w = words + static_cast<int>(row[j]) * D;
+    const int lane = threadIdx.x % codebook::WARP, warps = blockDim.x / codebook::WARP;
+    for (int r = blockIdx.x * warps + threadIdx.x / codebook::WARP; r < out; r += gridDim.x * warps) {
+        const unsigned char* row = codes + static_cast<size_t>(r) * runs;
+        float acc = 0.f;
+        for (int j = lane; j < runs; j += codebook::WARP) {
+            const float* w = words + static_cast<int>(row[j]) * D;
 #pragma unroll
-        for (int i = 0; i < D; ++i) {
-            const int c = j * D + i;
-            if (c < in) acc += w[i] * __half2float(x[c]);
+            for (int i = 0; i < D; ++i) {
+                const int c = j * D + i;
+                if (c < in) acc += w[i] * __half2float(x[c]);
+            }
         }
-    }
 #pragma unroll
-    for (int off = codebook::WARP / 2; off > 0; off /= 2) acc += __shfl_down_sync(0xffffffffu, acc, off);
-    if (lane == 0) y[r] = __float2half(acc * scale[r]);
+        for (int off = codebook::WARP / 2; off > 0; off /= 2) acc += __shfl_down_sync(0xffffffffu, acc, off);
+        if (lane == 0) y[r] = __float2half(acc * scale[r]);
+    }
 }
 
 // Prefill: the whole matrix decoded to FP16 (one thread a weight, grid-strided), for a cuBLAS GEMM after.

@@ -21,8 +21,10 @@ from sagekit.format.sage_vq import PackedVQ
 from sagekit.kernels.codebook_matmul import byte_codes
 
 KERNEL_DIR = Path(__file__).resolve().parent
-GEMV_WARPS = 8  # rows per GEMV block, one warp each
+GEMV_WARPS = 8  # warps per GEMV block, one row each at a time
+GEMV_BLOCKS_PER_SM = 4  # the GEMV grid: its warps stride over the rows, each block stages the codebook once
 DECODE_THREADS = 256
+MAX_ENTRIES = 256 * 8  # codebook.cu's shared table: K codewords x D floats
 
 
 def _cupy():
@@ -52,8 +54,15 @@ class CodebookGPU:
 def to_device(p: PackedVQ | PackedGrid) -> CodebookGPU:
     cp = _cupy()
     codes, words = byte_codes(p)
+    if words.size > MAX_ENTRIES:
+        raise ValueError(f"a codebook of {words.shape[0]} x {words.shape[1]} exceeds the kernel's {MAX_ENTRIES} floats")
     return CodebookGPU(cp.asarray(np.ascontiguousarray(codes)), cp.asarray(np.ascontiguousarray(words)),
                        cp.asarray(p.scale, dtype=cp.float32), p.shape)
+
+
+@functools.cache
+def _sm_count() -> int:
+    return int(_cupy().cuda.Device().attributes["MultiProcessorCount"])
 
 
 @functools.cache
@@ -88,7 +97,8 @@ def codebook_matmul_gpu(x: Any, dev: CodebookGPU) -> Any:
         return x @ decode(dev).T
     gemv, _ = _kernels(dev.dim)
     y = cp.empty((1, out), dtype=cp.float16)
-    gemv((-(-out // GEMV_WARPS),), (32 * GEMV_WARPS,),
+    blocks = min(-(-out // GEMV_WARPS), GEMV_BLOCKS_PER_SM * _sm_count())
+    gemv((blocks,), (32 * GEMV_WARPS,),
          (dev.codes, dev.codewords, cp.int32(dev.codewords.shape[0]), dev.scale, x, y, cp.int32(out), cp.int32(in_),
           cp.int32(dev.codes.shape[1])))
     return y

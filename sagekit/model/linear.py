@@ -83,6 +83,7 @@ class GridLinear:
             from sagekit.kernels import codebook_cuda
 
             self.gpu, self.book, self.half, self.sage = codebook_cuda.to_device(packed), None, None, None
+            self._gpu_matmul = codebook_cuda.codebook_matmul_gpu
             self._rotate = (lambda x: x) if seed is None else (lambda x: codebook_cuda.rotate(x, seed))
             return
         sage = packed.as_sage() if hasattr(packed, "as_sage") else None
@@ -96,10 +97,10 @@ class GridLinear:
         self._rotate = (lambda x: x) if seed is None else (lambda x: rotation.rotate(x, seed))
 
     def __call__(self, x: Any) -> Any:
-        from sagekit.kernels import codebook_cuda, cpu
+        from sagekit.kernels import cpu
 
         if self.gpu is not None:
-            return codebook_cuda.codebook_matmul_gpu(self._rotate(x), self.gpu)
+            return self._gpu_matmul(self._rotate(x), self.gpu)
         if self.sage is not None:
             return self.sage(self._rotate(x)) * self._scale
         if self.book is not None:
@@ -110,6 +111,8 @@ class GridLinear:
         """float32 rows of the stored W R^T (the embedding lookup of a packed head)."""
         from sagekit.kernels import cpu
 
+        if self.gpu is not None:
+            raise NotImplementedError("row lookups of a GPU codebook: the GPU embedding is dequantised at load")
         if self.book is not None:
             return cpu.decode_rows(self.book, idx)
         if self.half is not None:
