@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from sagekit.backend import get_backend
+from sagekit.kernels import cpu
 from sagekit.model.llama import Llama
 from sagekit.model.load import load_model
 
@@ -33,14 +34,20 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--min-runs", default=None,
+                   help="comma-separated values of GridLinear's MIN_RUN: each model is loaded once per value")
     args = p.parse_args()
     depths = [int(d) for d in args.depths.split(",")]
     backend = get_backend(args.device)
+    runs = [None] if args.min_runs is None else [int(r) for r in args.min_runs.split(",")]
     models = {}
     for path in args.models:
-        m = load_model(path, backend, max(depths) + args.steps)
-        m.forward(np.arange(100, 100 + max(max(depths), 8)) % m.config.vocab_size, 0, last_only=True)
-        models[path] = m
+        for run in runs:
+            if run is not None:
+                cpu.MIN_RUN = run
+            m = load_model(path, backend, max(depths) + args.steps)
+            m.forward(np.arange(100, 100 + max(max(depths), 8)) % m.config.vocab_size, 0, last_only=True)
+            models[path if run is None else f"{path} (min run {run})"] = m
     times: dict[tuple[str, int], list[float]] = {(m, d): [] for m in models for d in depths}
     for _ in range(args.rounds):
         for path, m in models.items():
