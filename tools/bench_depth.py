@@ -55,7 +55,8 @@ def main() -> None:
                 times[(path, d)].append(step_ms(m, d, args.steps))
     print(f"{backend.describe()}, {args.steps} steps x {args.rounds} rounds, medians (min)")
     for (path, d), v in times.items():
-        print(f"  {path}  depth {d:5d}: {np.median(v):6.2f} ms/token ({min(v):.2f}), {1e3 / np.median(v):6.1f} tok/s")
+        print(f"  {path}  depth {d:5d}: {np.median(v):6.2f} ms/token ({min(v):.2f}), {1e3 / np.median(v):6.1f} tok/s, "
+              f"weights {models[path].weight_bytes / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":
