@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,18 +18,12 @@ from sagekit.format import rotation
 from sagekit.format.sage_grid import PackedGrid
 from sagekit.format.sage_vq import PackedVQ
 from sagekit.kernels.codebook_matmul import byte_codes
+from sagekit.kernels.cuda import KERNEL_DIR, cupy_module
 
-KERNEL_DIR = Path(__file__).resolve().parent
 GEMV_WARPS = 8  # warps per GEMV block, one row each at a time
 GEMV_BLOCKS_PER_SM = 4  # the GEMV grid: its warps stride over the rows, each block stages the codebook once
 DECODE_THREADS = 256
 MAX_ENTRIES = 256 * 8  # codebook.cu's shared table: K codewords x D floats
-
-
-def _cupy():
-    import cupy
-
-    return cupy
 
 
 @dataclass(frozen=True)
@@ -52,7 +45,7 @@ class CodebookGPU:
 
 
 def to_device(p: PackedVQ | PackedGrid) -> CodebookGPU:
-    cp = _cupy()
+    cp = cupy_module()
     codes, words = byte_codes(p)
     if words.size > MAX_ENTRIES:
         raise ValueError(f"a codebook of {words.shape[0]} x {words.shape[1]} exceeds the kernel's {MAX_ENTRIES} floats")
@@ -62,21 +55,21 @@ def to_device(p: PackedVQ | PackedGrid) -> CodebookGPU:
 
 @functools.cache
 def _sm_count() -> int:
-    return int(_cupy().cuda.Device().attributes["MultiProcessorCount"])
+    return int(cupy_module().cuda.Device().attributes["MultiProcessorCount"])
 
 
 @functools.cache
 def _kernels(d: int) -> tuple[Any, Any]:
     """(gemv, decode) for runs of d weights."""
     names = [f"codebook_gemv<{d}>", f"codebook_decode<{d}>"]
-    module = _cupy().RawModule(code=(KERNEL_DIR / "codebook.cu").read_text(), options=("--std=c++17",),
+    module = cupy_module().RawModule(code=(KERNEL_DIR / "codebook.cu").read_text(), options=("--std=c++17",),
                                name_expressions=names)
     return tuple(module.get_function(n) for n in names)
 
 
 def decode(dev: CodebookGPU) -> Any:
     """float16 (out, in): the stored W R^T, decoded on the device."""
-    cp = _cupy()
+    cp = cupy_module()
     out, in_ = dev.shape
     w = cp.empty((out, in_), dtype=cp.float16)
     blocks = min(-(-out * in_ // DECODE_THREADS), 65535)
@@ -88,7 +81,7 @@ def decode(dev: CodebookGPU) -> Any:
 
 def codebook_matmul_gpu(x: Any, dev: CodebookGPU) -> Any:
     """float16 x of shape (T, in) -> float16 (T, out); one row is the decode GEMV."""
-    cp = _cupy()
+    cp = cupy_module()
     out, in_ = dev.shape
     x = cp.ascontiguousarray(x, dtype=cp.float16)
     if x.ndim != 2 or x.shape[1] != in_:
@@ -108,7 +101,7 @@ def codebook_matmul_gpu(x: Any, dev: CodebookGPU) -> Any:
 def _factors(n: int, seed: int) -> tuple[Any, Any]:
     """(A, B^T) float16 on the device, so that R x = A X B^T for x viewed as (a, b)."""
     a, b = rotation.factors(n, seed)
-    cp = _cupy()
+    cp = cupy_module()
     return cp.asarray(a, dtype=cp.float16), cp.asarray(np.ascontiguousarray(b.T), dtype=cp.float16)
 
 

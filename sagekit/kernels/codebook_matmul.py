@@ -27,8 +27,8 @@ from sagekit.kernels.llvm_intrinsics import AVX512, ROWS
 from sagekit.kernels.serial_twin import serial_twin
 
 # Set from the gather: 16 table entries took about 9 ns here (EPYC, Zen 4: 0.56 ns a byte), the FP16 kernel
-# about 0.13 ns a weight, so a byte had to code 3+ weights to keep up; the register lookup (0.24 ns a byte)
-# may move it to 2, not measured yet.
+# about 0.13 ns a weight, so a byte had to code 3+ weights to keep up. Runs of 2 on the register lookup were
+# measured too (BENCHMARKS, session 10): 0.67-0.86x the FP16 runtime, so 3 stays.
 MIN_RUN = 3
 TABLE_MAX_TOKENS = 3  # from 4 tokens on, decoding row tiles for BLAS costs less than a table read per run
 TILE_ROWS = 128  # rows decoded at a time for BLAS: the only dense float32 scratch, (128, in)
@@ -95,11 +95,7 @@ def byte_codes(p: PackedVQ | PackedGrid) -> tuple[np.ndarray, np.ndarray]:
 def prepare_codebook(p: PackedVQ | PackedGrid) -> CodebookCPU:
     """The CPU kernel's layout of a `sage-vq` or `sage-grid` matrix (byte_codes, blocked 16 rows at a time)."""
     codes, words = byte_codes(p)
-    return _codebook(_blocked(codes), words, p.scale, p.shape)
-
-
-def _codebook(codes: np.ndarray, words: np.ndarray, scale: np.ndarray, shape: tuple[int, int]) -> CodebookCPU:
-    return CodebookCPU(codes, words, np.ascontiguousarray(words.T), scale.astype(np.float32), shape)
+    return CodebookCPU(_blocked(codes), words, np.ascontiguousarray(words.T), p.scale.astype(np.float32), p.shape)
 
 
 @njit(cache=True, fastmath=True, parallel=True)

@@ -19,7 +19,8 @@ GEMV_WARPS = 8  # rows per GEMV block, one warp each
 GEMM_TILE = 64  # tokens and rows per GEMM block (sage_gemm.cu: BM = BN = 64, 128 threads)
 
 
-def _cupy():
+def cupy_module():
+    """CuPy, imported on first use so that the kernel modules import on machines without it."""
     import cupy
 
     return cupy
@@ -49,7 +50,7 @@ class SageGPU:
 
 
 def to_device(p: PackedSage) -> SageGPU:
-    cp = _cupy()
+    cp = cupy_module()
     return SageGPU(**{name: cp.asarray(a) for name, a in p.arrays().items()}, shape=p.shape)
 
 
@@ -57,7 +58,7 @@ def to_device(p: PackedSage) -> SageGPU:
 def _kernels(nb: int) -> tuple[Any, Any, Any]:
     """(gemv for words % 4 == 0, gemv for any words, gemm) for NB id planes."""
     names = [f"sage_gemv<{nb}, true>", f"sage_gemv<{nb}, false>", f"sage_gemm<{nb}>"]
-    module = _cupy().RawModule(
+    module = cupy_module().RawModule(
         code=(KERNEL_DIR / "sage_gemm.cu").read_text(),  # includes sage_gemv.cu
         options=("--std=c++17", f"-I{KERNEL_DIR}"),
         name_expressions=names,
@@ -67,7 +68,7 @@ def _kernels(nb: int) -> tuple[Any, Any, Any]:
 
 def sage_matmul_gpu(x: Any, dev: SageGPU) -> Any:
     """float16 x of shape (in,) or (T, in) -> float16 (out,) or (T, out); one row is the decode GEMV."""
-    cp = _cupy()
+    cp = cupy_module()
     out, in_ = dev.shape
     x = cp.ascontiguousarray(x, dtype=cp.float16)
     if x.ndim not in (1, 2) or x.shape[-1] != in_:
