@@ -36,18 +36,25 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--min-runs", default=None,
                    help="comma-separated values of GridLinear's MIN_RUN: each model is loaded once per value")
+    p.add_argument("--level-kernel", default="on",
+                   help="on, off or on,off: free-level grids of 2-5 bits on the level kernel, or as before it "
+                        "(codebook or FP16); with on,off each model is loaded both ways")
     args = p.parse_args()
     depths = [int(d) for d in args.depths.split(",")]
     backend = get_backend(args.device)
     runs = [None] if args.min_runs is None else [int(r) for r in args.min_runs.split(",")]
+    level_bits = cpu.LEVEL_BITS
     models = {}
     for path in args.models:
         for run in runs:
-            if run is not None:
-                cpu.MIN_RUN = run
-            m = load_model(path, backend, max(depths) + args.steps)
-            m.forward(np.arange(100, 100 + max(max(depths), 8)) % m.config.vocab_size, 0, last_only=True)
-            models[path if run is None else f"{path} (min run {run})"] = m
+            for level in args.level_kernel.split(","):
+                if run is not None:
+                    cpu.MIN_RUN = run
+                cpu.LEVEL_BITS = level_bits if level == "on" else ()
+                m = load_model(path, backend, max(depths) + args.steps)
+                m.forward(np.arange(100, 100 + max(max(depths), 8)) % m.config.vocab_size, 0, last_only=True)
+                label = path + ("" if run is None else f" (min run {run})")
+                models[label + ("" if args.level_kernel == "on" else f" (level kernel {level})")] = m
     times: dict[tuple[str, int], list[float]] = {(m, d): [] for m in models for d in depths}
     for _ in range(args.rounds):
         for path, m in models.items():

@@ -29,27 +29,27 @@ def _gather16(builder, base, idx):
 
 
 @intrinsic
-def table_rows16(typingctx, acc, a0, tab, t0, k, codes, c0, runs):
-    """acc[a0:a0+16] += sum_{j < runs} tab[t0 + k j + codes[c0 + 16 j + i]] in lane i: sixteen rows of the
-    codebook matmul (codebook_matmul.py), one gather per run of D weights.
+def table_rows16(typingctx, acc, a0, tab, t0, k, codes, c0, stride, runs):
+    """acc[a0:a0+16] += sum_{j < runs} tab[t0 + k j + codes[c0 + stride j + i]] in lane i: sixteen rows of
+    the codebook matmul (codebook_matmul.py), one gather per run of D weights.
 
-    Layout: codes uint8 flat, a 16-row block's codes run by run, [c0 + 16 j + i] = row i's code of run j;
+    Layout: codes uint8 flat, [c0 + stride j + i] = row i's code of run j (16 codes side by side per run);
     tab float32 flat, one token's table from t0, k entries per run. Two accumulators take alternate runs so
     an add does not wait on the one before it."""
     if not (all(isinstance(a, types.Array) and a.dtype == types.float32 for a in (acc, tab))
             and isinstance(codes, types.Array) and codes.dtype == types.uint8
-            and all(t == types.int64 for t in (a0, t0, k, c0, runs))):
+            and all(t == types.int64 for t in (a0, t0, k, c0, stride, runs))):
         return None
 
     def codegen(context, builder, sig, args):
-        acc_v, a0_v, tab_v, t0_v, k_v, codes_v, c0_v, runs_v = args
+        acc_v, a0_v, tab_v, t0_v, k_v, codes_v, c0_v, stride_v, runs_v = args
         i64, i32 = ir.IntType(64), ir.IntType(32)
         tab_data = context.make_array(sig.args[2])(context, builder, tab_v).data
         codes_data = context.make_array(sig.args[5])(context, builder, codes_v).data
         base = builder.gep(tab_data, [t0_v])
         loop = _Loop(builder, ir.Constant(i64, 0), runs_v, carried=2, name="table16")
         j, accs = loop.i, loop.values
-        ptr = builder.gep(codes_data, [builder.add(c0_v, builder.mul(j, ir.Constant(i64, ROWS)))])
+        ptr = builder.gep(codes_data, [builder.add(c0_v, builder.mul(j, stride_v))])
         code = builder.zext(builder.load(builder.bitcast(ptr, ir.VectorType(ir.IntType(8), ROWS).as_pointer()),
                                          align=1), _I16)
         first = builder.insert_element(ir.Constant(_I16, None), builder.trunc(builder.mul(j, k_v), i32),
@@ -59,7 +59,7 @@ def table_rows16(typingctx, acc, a0, tab, t0, k, codes, c0, runs):
         pa = _vector_ptr(context, builder, sig.args[0], acc_v, a0_v, _F16)
         builder.store(builder.fadd(builder.load(pa, align=4), builder.fadd(accs[0], accs[1])), pa, align=4)
 
-    return types.void(acc, a0, tab, t0, k, codes, c0, runs), codegen
+    return types.void(acc, a0, tab, t0, k, codes, c0, stride, runs), codegen
 
 
 @intrinsic

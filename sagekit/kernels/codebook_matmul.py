@@ -34,23 +34,23 @@ TABLE_MAX_TOKENS = 3  # from 4 tokens on, decoding row tiles for BLAS costs less
 TILE_ROWS = 128  # rows decoded at a time for BLAS: the only dense float32 scratch, (128, in)
 CHUNK_BYTES = 1 << 18  # the runs of one pass over the rows: their tables (256 KiB) stay in L2
 PARALLEL_MIN_WEIGHTS = 1 << 21  # smaller products run on the calling thread, as the LUT kernel's do
+MAX_DIM = 8  # the longest run of weights a byte codes (vq's D, 8 // B for a B-bit grid)
 
 
 @dataclass(frozen=True)
 class CodebookCPU:
     """A codebook matrix re-laid once at load time for the kernel."""
 
-    # uint8 (blocks, runs, 16) flat, blocks = ceil(out / 16): [(b * runs + j) * 16 + i] = the code of row
-    # 16 b + i's run j (rows past `out` hold code 0), so a block of rows reads its codes front to back
+    # uint8 (runs, blocks, 16) flat, blocks = ceil(out / 16): [(j * blocks + b) * 16 + i] = the code of row
+    # 16 b + i's run j (rows past `out` hold code 0), so a pass over one run's rows reads its codes front to
+    # back (block by block at a stride of `runs` x 16 bytes took 1.5x as long over 40 cold 1536x576 matrices)
     codes: np.ndarray
-    codewords: np.ndarray  # float32 (K, D)
-    codewords_t: np.ndarray  # float32 (D, K), C-contiguous: what the table builder reads, made once at load
+    # float32 (terms, K), C-contiguous: codeword c's weight i at [i, c]; terms = D rounded up to 2, 4 or 8,
+    # with zero rows past D (what _tables reads)
+    codewords_t: np.ndarray
     scale: np.ndarray  # float32 (out,)
     shape: tuple[int, int]  # (out, in); runs * D >= in, the padding weights multiply zero inputs
-
-    @property
-    def dim(self) -> int:
-        return int(self.codewords.shape[1])
+    dim: int  # D
 
     @property
     def runs(self) -> int:
@@ -58,16 +58,16 @@ class CodebookCPU:
 
     @property
     def nbytes(self) -> int:
-        return int(self.codes.nbytes + self.codewords.nbytes + self.codewords_t.nbytes + self.scale.nbytes)
+        return int(self.codes.nbytes + self.codewords_t.nbytes + self.scale.nbytes)
 
 
-def _blocked(codes: np.ndarray) -> np.ndarray:
+def _run_major(codes: np.ndarray) -> np.ndarray:
     """uint8 (out, runs) codes in CodebookCPU's layout."""
     out, runs = codes.shape
     blocks = -(-out // ROWS)
     padded = np.zeros((blocks * ROWS, runs), dtype=np.uint8)
     padded[:out] = codes
-    return np.ascontiguousarray(padded.reshape(blocks, ROWS, runs).transpose(0, 2, 1)).reshape(-1)
+    return np.ascontiguousarray(padded.T).reshape(-1)
 
 
 def run_length(p: PackedVQ | PackedGrid) -> int:
@@ -95,22 +95,41 @@ def byte_codes(p: PackedVQ | PackedGrid) -> tuple[np.ndarray, np.ndarray]:
 def prepare_codebook(p: PackedVQ | PackedGrid) -> CodebookCPU:
     """The CPU kernel's layout of a `sage-vq` or `sage-grid` matrix (byte_codes, blocked 16 rows at a time)."""
     codes, words = byte_codes(p)
-    return CodebookCPU(_blocked(codes), words, np.ascontiguousarray(words.T), p.scale.astype(np.float32), p.shape)
+    d = words.shape[1]
+    words_t = np.zeros((2 if d <= 2 else 4 if d <= 4 else MAX_DIM, len(words)), dtype=np.float32)
+    words_t[:d] = words.T
+    return CodebookCPU(_run_major(codes), words_t, p.scale.astype(np.float32), p.shape, d)
 
 
 @njit(cache=True, fastmath=True, parallel=True)
-def _tables(x: np.ndarray, codewords_t: np.ndarray) -> np.ndarray:
-    """float32 (T, runs * K): [t, j K + c] = codewords[c] . x[t, jD : jD + D]; x (T, runs * D), codewords_t (D, K)."""
-    d, k = codewords_t.shape
+def _tables(x: np.ndarray, codewords_t: np.ndarray, d: int) -> np.ndarray:
+    """float32 (T, runs * K): [t, j K + c] = codewords[c] . x[t, jD : jD + D]; x (T, runs * D), codewords_t
+    as CodebookCPU's. One pass over each run's K entries with all D terms at once, padded
+    to 2, 4 or 8 terms (the rows past D weigh 0): a pass per term loads and stores the entries D times, and
+    eight terms for every D cost D = 4 twice its multiply-adds."""
+    k = codewords_t.shape[1]
     n_tok, runs = x.shape[0], x.shape[1] // d
-    out = np.zeros((n_tok, runs * k), dtype=np.float32)
+    out = np.empty((n_tok, runs * k), dtype=np.float32)
+    zero = np.float32(0)
     for tj in prange(n_tok * runs):
         t, j = tj // runs, tj % runs
-        row = out[t, j * k:(j + 1) * k]
-        for i in range(d):
-            xi = x[t, j * d + i]
+        b, row = j * d, out[t, j * k:(j + 1) * k]
+        x0, x1 = x[t, b], x[t, b + 1] if d > 1 else zero
+        if d <= 2:
             for c in range(k):
-                row[c] += xi * codewords_t[i, c]
+                row[c] = x0 * codewords_t[0, c] + x1 * codewords_t[1, c]
+            continue
+        x2, x3 = x[t, b + 2], x[t, b + 3] if d > 3 else zero
+        if d <= 4:
+            for c in range(k):
+                row[c] = x0 * codewords_t[0, c] + x1 * codewords_t[1, c] + x2 * codewords_t[2, c] + x3 * codewords_t[3, c]
+            continue
+        x4, x5 = x[t, b + 4], x[t, b + 5] if d > 5 else zero
+        x6, x7 = x[t, b + 6] if d > 6 else zero, x[t, b + 7] if d > 7 else zero
+        for c in range(k):
+            row[c] = (x0 * codewords_t[0, c] + x1 * codewords_t[1, c] + x2 * codewords_t[2, c]
+                      + x3 * codewords_t[3, c] + x4 * codewords_t[4, c] + x5 * codewords_t[5, c]
+                      + x6 * codewords_t[6, c] + x7 * codewords_t[7, c])
     return out
 
 
@@ -126,7 +145,7 @@ def _table_matmul(tables: np.ndarray, k: int, codes: np.ndarray, runs: int, chun
         for b in prange(blocks):
             for t in range(n_tok):
                 table_rows16(y, (t * blocks + b) * ROWS, flat, t * runs * k + j0 * k, k, codes,
-                             (b * runs + j0) * ROWS, n)
+                             (j0 * blocks + b) * ROWS, blocks * ROWS, n)
     return y.reshape(n_tok, blocks * ROWS)
 
 
@@ -139,7 +158,7 @@ def _permute_matmul(tables: np.ndarray, codes: np.ndarray, runs: int, blocks: in
     for t in range(n_tok):
         yt = y[t * blocks * ROWS:(t + 1) * blocks * ROWS]
         for j in range(runs):
-            table_run_blocks(yt, flat, (t * runs + j) * 256, codes, j * ROWS, runs * ROWS, blocks)
+            table_run_blocks(yt, flat, (t * runs + j) * 256, codes, j * blocks * ROWS, ROWS, blocks)
     return y.reshape(n_tok, blocks * ROWS)
 
 
@@ -148,16 +167,16 @@ _table_matmul_serial = serial_twin(_table_matmul)
 
 
 @njit(cache=True, fastmath=True)
-def _decode_tile(codes: np.ndarray, codewords: np.ndarray, scale: np.ndarray, runs: int, r0: int, r1: int,
+def _decode_tile(codes: np.ndarray, codewords_t: np.ndarray, d: int, scale: np.ndarray, runs: int, r0: int, r1: int,
                  tile: np.ndarray) -> None:
-    """tile[:r1 - r0, :runs * D] = rows r0..r1 (r0 a multiple of 16) of scale * codewords[codes]."""
-    d = codewords.shape[1]
+    """tile[:r1 - r0, :runs * D] = rows r0..r1 of scale * codewords[codes]."""
+    stride = codes.size // runs  # row r = 16 b + i sits at 16 b + i of every run
     for r in range(r0, r1):
-        c0, lane, s = (r // ROWS) * runs * ROWS, r % ROWS, scale[r]
+        s = scale[r]
         for j in range(runs):
-            c = codes[c0 + j * ROWS + lane]
+            c = codes[r + j * stride]
             for i in range(d):
-                tile[r - r0, j * d + i] = s * codewords[c, i]
+                tile[r - r0, j * d + i] = s * codewords_t[i, c]
 
 
 def _padded(x: np.ndarray, width: int) -> np.ndarray:
@@ -171,11 +190,11 @@ def _padded(x: np.ndarray, width: int) -> np.ndarray:
 
 def codebook_matmul(x: np.ndarray, w: CodebookCPU) -> np.ndarray:
     """float32 (T, out) = x (T, in) @ W_hat.T, W_hat the scaled codewords of w (no rotation: the caller's)."""
-    out, runs, k = w.shape[0], w.runs, len(w.codewords)
+    out, runs, k = w.shape[0], w.runs, w.codewords_t.shape[1]
     xp = _padded(x, runs * w.dim)
     if xp.shape[0] <= TABLE_MAX_TOKENS:
         small = xp.size * out < PARALLEL_MIN_WEIGHTS
-        tables = (_tables_serial if small else _tables)(xp, w.codewords_t)
+        tables = (_tables_serial if small else _tables)(xp, w.codewords_t, w.dim)
         if AVX512 and k == 256 and small:
             y = _permute_matmul(tables, w.codes, runs, w.codes.size // (runs * ROWS))
         else:
@@ -186,7 +205,7 @@ def codebook_matmul(x: np.ndarray, w: CodebookCPU) -> np.ndarray:
     tile = np.empty((TILE_ROWS, runs * w.dim), dtype=np.float32)
     for r0 in range(0, out, TILE_ROWS):
         r1 = min(out, r0 + TILE_ROWS)
-        _decode_tile(w.codes, w.codewords, w.scale, runs, r0, r1, tile)
+        _decode_tile(w.codes, w.codewords_t, w.dim, w.scale, runs, r0, r1, tile)
         y[:, r0:r1] = xp @ tile[: r1 - r0].T
     return y
 
@@ -195,6 +214,6 @@ def decode_rows(w: CodebookCPU, rows: np.ndarray) -> np.ndarray:
     """float32 (len(rows), in): the scaled codewords of the given rows (an embedding lookup)."""
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     j = np.arange(w.runs)
-    at = ((rows // ROWS) * w.runs * ROWS + rows % ROWS)[:, None] + j[None, :] * ROWS
-    vals = w.codewords[w.codes[at]]  # (n, runs, D)
+    at = rows[:, None] + j[None, :] * (w.codes.size // w.runs)
+    vals = w.codewords_t[: w.dim].T[w.codes[at]]  # (n, runs, D)
     return (w.scale[rows, None] * vals.reshape(len(rows), -1))[:, : w.shape[1]]

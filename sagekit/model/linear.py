@@ -61,15 +61,15 @@ class HalfLinear:
 class GridLinear:
     """The `sage-grid` and `sage-vq` layouts, fed R x (the rotation: two small matmuls per input).
 
-    On the GPU every such matrix runs on the codebook RawKernels (sagekit.kernels.codebook_cuda) at one byte
-    a run of weights. On the CPU:
-
-    Grid levels mirrored about 0 (`--levels symmetric`) run on the packed `sage` LUT kernel: the codes are a
-    sign plane and magnitude-id planes (PackedGrid.as_sage), held at their stored size, and y is scaled per
-    row after. Codebooks and free levels with 3+ weights a byte (vq's D, 8 // B for a B-bit grid) run on the
-    codebook kernel (sagekit.kernels.codebook_matmul), at one byte per run of weights: vq at its stored size.
-    Shorter runs are decoded once to FP16 at load, y = (s * levels[codes]) (R x) in the FP16 kernel, 2 bytes a
-    weight, which a table read per byte or two does not beat.
+    `kernel` names what runs the product. On the GPU every such matrix runs on the codebook RawKernels
+    (sagekit.kernels.codebook_cuda) at one byte a run of weights ("gpu"). On the CPU:
+      * "lut": grid levels mirrored about 0 (`--levels symmetric`), on the packed `sage` LUT kernel: the codes
+        as a sign plane and magnitude-id planes (PackedGrid.as_sage), y scaled per row after;
+      * "level": other 2- to 5-bit grids (free levels), on the level kernel at their stored bits (AVX-512);
+      * "book": vq codebooks and the other grids with 3+ weights a byte (vq's D, 8 // B), on the codebook
+        kernel at one byte per run of weights;
+      * "half": the rest (vq D = 2, or no AVX-512 for the level kernel), decoded once to FP16 at load,
+        y = (s * levels[codes]) (R x) in the FP16 kernel, 2 bytes a weight.
     """
 
     def __init__(self, packed: Any, backend: Any):
@@ -78,54 +78,47 @@ class GridLinear:
 
         self.out_features, self.in_features = packed.shape
         seed = None if packed.rot is None else int(packed.rot[0])
-        self.gpu = None
         if backend.is_gpu:
             from sagekit.kernels import codebook_cuda
 
-            self.gpu, self.book, self.half, self.sage = codebook_cuda.to_device(packed), None, None, None
-            self._gpu_matmul = codebook_cuda.codebook_matmul_gpu
+            self.kernel, self._weights = "gpu", codebook_cuda.to_device(packed)
+            self._matmul = codebook_cuda.codebook_matmul_gpu
             self._rotate = (lambda x: x) if seed is None else (lambda x: codebook_cuda.rotate(x, seed))
             return
+        self._rotate = (lambda x: x) if seed is None else (lambda x: rotation.rotate(x, seed))
         sage = packed.as_sage() if hasattr(packed, "as_sage") else None
         if sage is not None and sage.n_groups <= cpu.MAX_GROUPS:
-            self.book, self.half, self.sage = None, None, SageLinear(sage, backend)
-            self._scale = packed.scale.astype(np.float32)
+            self.kernel, self._weights = "lut", SageLinear(sage, backend)
+            scale = self._scale = packed.scale.astype(np.float32)
+            self._matmul = lambda x, w: w(x) * scale
+        elif hasattr(packed, "levels") and packed.bits in cpu.LEVEL_BITS and cpu.AVX512:
+            self.kernel, self._weights, self._matmul = "level", cpu.prepare_levels(packed), cpu.level_matmul
         elif cpu.run_length(packed) >= cpu.MIN_RUN:
-            self.book, self.half, self.sage = cpu.prepare_codebook(packed), None, None
+            self.kernel, self._weights, self._matmul = "book", cpu.prepare_codebook(packed), cpu.codebook_matmul
         else:
-            self.book, self.half, self.sage = None, HalfLinear(packed.rotated().astype(np.float16)), None
-        self._rotate = (lambda x: x) if seed is None else (lambda x: rotation.rotate(x, seed))
+            self.kernel, self._weights = "half", HalfLinear(packed.rotated().astype(np.float16))
+            self._matmul = lambda x, w: w(x)
 
     def __call__(self, x: Any) -> Any:
-        from sagekit.kernels import cpu
-
-        if self.gpu is not None:
-            return self._gpu_matmul(self._rotate(x), self.gpu)
-        if self.sage is not None:
-            return self.sage(self._rotate(x)) * self._scale
-        if self.book is not None:
-            return cpu.codebook_matmul(self._rotate(x), self.book)
-        return self.half(self._rotate(x))
+        return self._matmul(self._rotate(x), self._weights)
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
         """float32 rows of the stored W R^T (the embedding lookup of a packed head)."""
         from sagekit.kernels import cpu
 
-        if self.gpu is not None:
+        if self.kernel == "gpu":
             raise NotImplementedError("row lookups of a GPU codebook: the GPU embedding is dequantised at load")
-        if self.book is not None:
-            return cpu.decode_rows(self.book, idx)
-        if self.half is not None:
-            return self.half.weight[idx].astype(np.float32)
-        return self.sage.rows(idx) * self._scale[idx, None]
+        if self.kernel == "level":
+            return cpu.level_rows(self._weights, idx)
+        if self.kernel == "book":
+            return cpu.decode_rows(self._weights, idx)
+        if self.kernel == "half":
+            return self._weights.weight[idx].astype(np.float32)
+        return self._weights.rows(idx) * self._scale[idx, None]
 
     @property
     def nbytes(self) -> int:
-        if self.gpu is not None:
-            return self.gpu.nbytes
-        if self.sage is not None:
-            return self.sage.nbytes + self._scale.nbytes
-        return (self.book if self.book is not None else self.half).nbytes
+        return int(self._weights.nbytes + (self._scale.nbytes if self.kernel == "lut" else 0))
 
 
 class GridEmbedding:

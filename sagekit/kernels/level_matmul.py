@@ -1,0 +1,224 @@
+"""CPU matmul on free-level `sage-grid` weights held at their stored bits (Numba): y = x @ W_hat.T with
+W_hat[r, c] = scale[r] * levels[code[r, c]], for B = 2 to 5 bit codes and any 2^B levels.
+
+The `sage` LUT kernel needs levels mirrored about 0, the codebook kernel a byte per 3+ weights; a 3- to
+5-bit grid with free levels (the recipe's default, and the packed lm_head) fits neither, and ran from an FP16
+copy, 2 bytes a weight. Here each code stays B bits in memory, laid out so 16 rows sit side by side in one
+vector: per column, a shift (and, for 3 and 5 bits, a rotate and a bit-select) puts the 16 rows' codes in the
+low bits of 16 lanes, one `vpermps` (`vpermt2ps` for 32 levels) turns them into level values, and one
+multiply-add by the broadcast x[c] accumulates them: 3 to 5 vector instructions per 16 weights, no table
+to build per token. Prefill decodes 128-row tiles for BLAS, as the other kernels do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from sagekit.format.sage_grid import PackedGrid
+from sagekit.kernels.llvm_intrinsics import _F16, _I16, AVX512, ROWS, _Loop, _splat
+from sagekit.kernels.serial_twin import serial_twin
+
+BITS = (2, 3, 4, 5)  # codes this kernel runs: 2^B levels fit the one or two registers a permute reads
+CHUNK = 32  # columns per chunk: B words of 16 lanes hold a 16-row block's codes of 32 columns
+TABLE_MAX_TOKENS = 3  # from 4 tokens on, decoding row tiles for BLAS costs less than a lookup per weight
+TILE_ROWS = 128  # rows decoded at a time for BLAS: the only dense float32 scratch, (128, in)
+PARALLEL_MIN_WEIGHTS = 1 << 21  # smaller products run on the calling thread, as the other kernels' do
+
+
+def split(bits: int) -> tuple[int, int]:
+    """(low, high) bits of a code: the low field packed 32 // low columns to a lane word, the high one a
+    column per bit (2 -> (2, 0), 3 -> (2, 1), 4 -> (4, 0), 5 -> (4, 1))."""
+    low = 4 if bits >= 4 else 2
+    return low, bits - low
+
+
+@dataclass(frozen=True)
+class LevelCPU:
+    """A free-level grid matrix re-laid once at load time for the kernel."""
+
+    # uint32 flat (blocks, chunks, B, 16), blocks = ceil(out / 16), chunks = ceil(in / 32): for block b's
+    # row 16 b + i and chunk k, word w < low is [((b * chunks + k) * B + w) * 16 + i], the low fields of
+    # columns 32 k + w (32 // low) + j at bits j low...; word `low` (3 and 5 bits) holds the top code bit of
+    # column 32 k + j at bit j. Rows past `out` and columns past `in` hold code 0.
+    codes: np.ndarray
+    table: np.ndarray  # float32 (16,) or (32,): the levels, repeated so the permute may read junk high bits
+    levels: np.ndarray  # float32 (2^B,)
+    scale: np.ndarray  # float32 (out,)
+    shape: tuple[int, int]  # (out, in)
+    bits: int
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.shape[1] // CHUNK)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.codes.nbytes + self.table.nbytes + self.levels.nbytes + self.scale.nbytes)
+
+
+def prepare_levels(p: PackedGrid) -> LevelCPU:
+    """The kernel's layout of a `sage-grid` matrix with 2-5 bit codes (any levels)."""
+    if p.bits not in BITS:
+        raise ValueError(f"level kernel: {p.bits}-bit codes, expected one of {BITS}")
+    out, in_ = p.shape
+    low, high = split(p.bits)
+    blocks, chunks = -(-out // ROWS), -(-in_ // CHUNK)
+    idx = np.zeros((blocks * ROWS, chunks * CHUNK), dtype=np.uint32)
+    idx[:out, :in_] = p.indices()
+    idx = idx.reshape(blocks, ROWS, chunks, CHUNK).transpose(0, 2, 1, 3)  # (blocks, chunks, 16, 32)
+    words = np.zeros((blocks, chunks, p.bits, ROWS), dtype=np.uint32)
+    per_word = CHUNK // low
+    for w in range(low):
+        for j in range(per_word):
+            words[:, :, w] |= (idx[..., w * per_word + j] & ((1 << low) - 1)) << (low * j)
+    if high:
+        for j in range(CHUNK):
+            words[:, :, low] |= (idx[..., j] >> low) << j
+    levels = p.levels.astype(np.float32)
+    table = np.resize(levels, 32 if p.bits == 5 else 16)
+    return LevelCPU(words.reshape(-1), table, levels, p.scale.astype(np.float32), p.shape, p.bits)
+
+
+@intrinsic
+def level_block16(typingctx, acc, a0, codes, c0, chunks, table, x, x0, bits):
+    """acc[a0 : a0+16] += sum_c levels[code[row, c]] * x[x0 + c] for the 16 rows of one block.
+
+    Layout: codes as LevelCPU.codes, the block's words from c0, `chunks` chunks of B words of 16 lanes;
+    table float32 (16,) or (32,) as LevelCPU.table; x float32 flat, the token's inputs from x0, zero past
+    `in`; bits 2..5 picks one of four bodies, each unrolled over a chunk's 32 columns. Two accumulators take
+    alternate columns so a multiply-add does not wait on the one before it. AVX-512 only."""
+    if not (AVX512 and all(isinstance(a, types.Array) and a.dtype == types.float32 for a in (acc, table, x))
+            and isinstance(codes, types.Array) and codes.dtype == types.uint32
+            and all(t == types.int64 for t in (a0, c0, chunks, x0, bits))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        _, a0_v, _, c0_v, chunks_v, _, _, x0_v, bits_v = args
+        data = {i: context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 2, 5, 6)}
+        for n_bits in BITS:
+            with builder.if_then(builder.icmp_signed("==", bits_v, ir.Constant(bits_v.type, n_bits))):
+                total = _level_body(builder, data, c0_v, chunks_v, x0_v, n_bits)
+                pa = builder.bitcast(builder.gep(data[0], [a0_v]), _F16.as_pointer())
+                builder.store(builder.fadd(builder.load(pa, align=4), total), pa, align=4)
+
+    return types.void(acc, a0, codes, c0, chunks, table, x, x0, bits), codegen
+
+
+def _level_body(builder, data, c0_v, chunks_v, x0_v, n_bits):
+    """IR of level_block16 for B = n_bits: the loop over chunks; returns the 16 sums."""
+    i64 = ir.IntType(64)
+    low, high = split(n_bits)
+    tab = [builder.load(builder.bitcast(builder.gep(data[5], [ir.Constant(i64, 16 * h)]), _F16.as_pointer()),
+                        align=4) for h in range(2 if n_bits == 5 else 1)]
+    module = builder.module
+    if n_bits == 5:  # vpermt2ps: 5 index bits over two registers
+        perm = cgutils.get_or_insert_function(module, ir.FunctionType(_F16, [_F16, _I16, _F16]),
+                                              "llvm.x86.avx512.vpermi2var.ps.512")
+        lookup = lambda idx: builder.call(perm, [tab[0], idx, tab[1]])
+    else:  # vpermps: the low 4 index bits; the table repeats the levels, so bits past B do not matter
+        perm = cgutils.get_or_insert_function(module, ir.FunctionType(_F16, [_F16, _I16]),
+                                              "llvm.x86.avx512.permvar.sf.512")
+        lookup = lambda idx: builder.call(perm, [tab[0], idx])
+    fma = cgutils.get_or_insert_function(module, ir.FunctionType(_F16, [_F16] * 3), "llvm.fmuladd.v16f32")
+    rotr = cgutils.get_or_insert_function(module, ir.FunctionType(_I16, [_I16] * 3), "llvm.fshr.v16i32")
+    splat_i = lambda v: ir.Constant(_I16, [v] * ROWS)
+    loop = _Loop(builder, ir.Constant(i64, 0), chunks_v, carried=2, name=f"levels{n_bits}")
+    k, accs = loop.i, list(loop.values)
+    base = builder.add(c0_v, builder.mul(k, ir.Constant(i64, n_bits * ROWS)))
+    xk = builder.add(x0_v, builder.mul(k, ir.Constant(i64, CHUNK)))
+
+    def word(w):
+        ptr = builder.gep(data[2], [builder.add(base, ir.Constant(i64, w * ROWS))])
+        return builder.load(builder.bitcast(ptr, _I16.as_pointer()), align=4)
+
+    if high:  # the top bit of column j reaches bit `low` by a left rotate, then one right rotate a column
+        top = word(low)
+        top = builder.call(rotr, [top, top, splat_i(32 - low)])
+    per_word, mask = CHUNK // low, splat_i((1 << low) - 1)
+    for w in range(low):
+        field = word(w)
+        for j in range(per_word):
+            c = w * per_word + j
+            idx = field
+            if high:
+                idx = builder.or_(builder.and_(field, mask), builder.and_(top, builder.not_(mask)))
+                top = builder.call(rotr, [top, top, splat_i(1)])
+            xc = builder.load(builder.gep(data[6], [builder.add(xk, ir.Constant(i64, c))]))
+            accs[c % 2] = builder.call(fma, [lookup(idx), _splat(builder, xc), accs[c % 2]])
+            field = builder.lshr(field, splat_i(low))
+    loop.end(accs)
+    return builder.fadd(loop.values[0], loop.values[1])
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def _level_matmul(x, codes, table, chunks, bits):
+    """float32 (T, blocks * 16) of the unscaled product; x float32 (T, chunks * 32) zero-padded; """
+    n_tok = x.shape[0]
+    blocks = codes.size // (chunks * bits * ROWS)
+    y = np.zeros(n_tok * blocks * ROWS, dtype=np.float32)
+    flat = x.reshape(-1)
+    for b in prange(blocks):
+        for t in range(n_tok):
+            level_block16(y, (t * blocks + b) * ROWS, codes, b * chunks * bits * ROWS, chunks, table, flat,
+                          t * chunks * CHUNK, bits)
+    return y.reshape(n_tok, blocks * ROWS)
+
+
+_level_matmul_serial = serial_twin(_level_matmul)
+
+
+@njit(cache=True)
+def _decode(codes, levels, scale, chunks, bits, rows, tile):
+    """tile[i, :chunks * 32] = row rows[i] of scale * levels[code] (the padding columns too)."""
+    low = 4 if bits >= 4 else 2
+    per_word, mask = CHUNK // low, (1 << low) - 1
+    for i in range(rows.size):
+        r = rows[i]
+        b, lane, s = r // ROWS, r % ROWS, scale[r]
+        for k in range(chunks):
+            base = (b * chunks + k) * bits * ROWS + lane
+            top = codes[base + low * ROWS] if bits > low else 0
+            for c in range(CHUNK):
+                code = (codes[base + (c // per_word) * ROWS] >> (low * (c % per_word))) & mask
+                code |= ((top >> c) & 1) << low
+                tile[i, k * CHUNK + c] = s * levels[code]
+
+
+def _padded(x: np.ndarray, width: int) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape[1] == width:
+        return x
+    out = np.zeros((x.shape[0], width), dtype=np.float32)
+    out[:, : x.shape[1]] = x
+    return out
+
+
+def level_matmul(x: np.ndarray, w: LevelCPU) -> np.ndarray:
+    """float32 (T, out) = x (T, in) @ W_hat.T (no rotation: the caller's)."""
+    out, width = w.shape[0], w.chunks * CHUNK
+    xp = _padded(x, width)
+    if xp.shape[0] <= TABLE_MAX_TOKENS and AVX512:
+        small = xp.shape[0] * w.shape[0] * w.shape[1] < PARALLEL_MIN_WEIGHTS
+        y = (_level_matmul_serial if small else _level_matmul)(xp, w.codes, w.table, w.chunks, w.bits)
+        return y[:, :out] * w.scale
+    y = np.empty((xp.shape[0], out), dtype=np.float32)
+    tile = np.empty((TILE_ROWS, width), dtype=np.float32)
+    for r0 in range(0, out, TILE_ROWS):
+        rows = np.arange(r0, min(out, r0 + TILE_ROWS), dtype=np.int64)
+        _decode(w.codes, w.levels, w.scale, w.chunks, w.bits, rows, tile)
+        y[:, r0:r0 + rows.size] = xp @ tile[: rows.size].T
+    return y
+
+
+def level_rows(w: LevelCPU, rows: np.ndarray) -> np.ndarray:
+    """float32 (len(rows), in): the scaled levels of the given rows (an embedding lookup)."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    tile = np.empty((rows.size, w.chunks * CHUNK), dtype=np.float32)
+    _decode(w.codes, w.levels, w.scale, w.chunks, w.bits, rows, tile)
+    return tile[:, : w.shape[1]]

@@ -1,0 +1,76 @@
+"""The level kernel (sagekit/kernels/level_matmul.py) against the dequantised weight: 2-5 bit codes with free
+levels, odd widths and heights, decode (one lookup per weight) and prefill (tiles) token counts, the
+parallel build, the row lookup, the layout's bit positions, and the bytes it holds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import random_grid
+
+from sagekit.backend import get_backend
+from sagekit.format.sage_grid import pack_grid
+from sagekit.kernels import cpu, level_matmul
+from sagekit.model.linear import GridLinear
+
+needs_avx512 = pytest.mark.skipif(not cpu.AVX512, reason="the level kernel's decode needs AVX-512")
+
+
+def _check(p, tokens: int, seed: int = 0) -> None:
+    w = cpu.prepare_levels(p)
+    x = np.random.default_rng(seed).standard_normal((tokens, p.shape[1])).astype(np.float32)
+    ref = x @ p.rotated().T
+    bound = np.abs(x) @ np.abs(p.rotated()).T  # the summed terms' size: float32 reordering errs relative to it
+    np.testing.assert_array_less(np.abs(cpu.level_matmul(x, w) - ref), 1e-5 * bound.max() + 1e-30)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5])
+@pytest.mark.parametrize("shape", [(37, 50), (16, 32), (300, 96), (1, 33)])
+@pytest.mark.parametrize("tokens", [1, 3, 70])
+def test_the_kernel_is_the_dequantised_product(bits, shape, tokens):
+    if tokens <= level_matmul.TABLE_MAX_TOKENS and not cpu.AVX512:
+        pytest.skip("decode runs on the level kernel with AVX-512 only")
+    _check(random_grid(shape, bits, seed=bits + shape[0]), tokens, seed=tokens)
+
+
+@needs_avx512
+@pytest.mark.parametrize("bits", [3, 5])
+def test_a_product_past_the_serial_threshold_runs_on_threads_and_agrees(bits):
+    shape = (2048, 1056)  # 2.16M weights: past PARALLEL_MIN_WEIGHTS, and 33 chunks of 32 columns
+    assert shape[0] * shape[1] >= level_matmul.PARALLEL_MIN_WEIGHTS
+    _check(random_grid(shape, bits, seed=1), 1)
+
+
+def test_codes_sit_in_the_layout_the_kernel_reads():
+    """5 bits: column c of chunk 0 has its low nibble in word c // 8 at bits 4 (c % 8), its top bit in word 4
+    at bit c; lane = row within the block of 16."""
+    idx = np.zeros((2, 40), dtype=np.uint8)
+    idx[1, 9], idx[1, 33] = 0b10110, 0b00011
+    w = cpu.prepare_levels(pack_grid(idx, np.ones(2), np.arange(32) - 15.5, None))
+    words = w.codes.reshape(1, 2, 5, 16)  # (blocks, chunks, words, lanes)
+    assert words[0, 0, 1, 1] == 0b0110 << 4 and words[0, 0, 4, 1] == 1 << 9
+    assert words[0, 1, 0, 1] == 0b0011 << 4 and words[0, 1, 4, 1] == 0
+    assert np.count_nonzero(words) == 3
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5])
+def test_rows_are_the_dequantised_rows(bits):
+    p = random_grid((45, 70), bits, seed=3)
+    rows = np.array([0, 44, 17, 17])
+    np.testing.assert_allclose(cpu.level_rows(cpu.prepare_levels(p), rows), p.rotated(rows), rtol=1e-6)
+
+
+@needs_avx512
+def test_a_grid_linear_holds_the_codes_at_their_stored_size():
+    """The 5-bit head case of issue 14 acceptance 4: weights in memory at most 1.05x the stored bytes."""
+    p = random_grid((1024, 576), 5, seed=4)
+    lin = GridLinear(p, get_backend("cpu"))
+    assert lin.kernel == "level" and lin.nbytes <= 1.05 * p.nbytes
+    x = np.random.default_rng(0).standard_normal((2, 576)).astype(np.float32)
+    ref = x @ p.unpack().T
+    np.testing.assert_allclose(lin(x), ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+
+def test_other_widths_are_refused():
+    with pytest.raises(ValueError, match="6-bit codes"):
+        cpu.prepare_levels(random_grid((16, 32), 6, seed=0))
