@@ -71,3 +71,27 @@ def test_a_symmetric_folder_runs_packed_as_it_runs_dequantised(tmp_path):
     assert fast.layers[0].q.kernel == "lut"
     tokens = np.arange(1, 30)
     np.testing.assert_allclose(fast.forward(tokens), ref.forward(tokens), rtol=1e-2, atol=1e-2)
+
+
+def test_linears_that_read_one_input_rotate_it_once(monkeypatch):
+    """run_shared: grid and vq matrices of one rotation seed (q|k|v, gate|up) take one R x; other seeds each
+    their own; the products are those of separate calls either way."""
+    from conftest import random_grid, random_vq
+
+    from sagekit.format import rotation
+    from sagekit.model.linear import run_shared
+
+    be = get_backend("cpu")
+    same = [GridLinear(random_grid((32, 64), 3, 0), be), GridLinear(random_grid((16, 64), 4, 1), be)]
+    other = [same[0], GridLinear(random_vq((8, 64), 4, seed=5), be)]
+    assert same[0].rotation_seed == same[1].rotation_seed != other[1].rotation_seed
+    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    calls = []
+    rotate = rotation.rotate
+    monkeypatch.setattr(rotation, "rotate", lambda v, seed: calls.append(seed) or rotate(v, seed))
+    for group, rotations in ((same, 1), (other, 2)):
+        calls.clear()
+        outs = run_shared(x, *group)
+        assert len(calls) == rotations
+        for lin, y in zip(group, outs, strict=True):
+            np.testing.assert_array_equal(y, lin(x))

@@ -53,6 +53,14 @@ def test_codes_sit_in_the_layout_the_kernel_reads():
     assert np.count_nonzero(words) == 3
 
 
+def test_a_matrix_is_laid_out_in_parts_as_it_is_whole(monkeypatch):
+    """prepare_levels re-lays PREPARE_ROWS rows at a time; a part boundary inside the matrix changes nothing."""
+    p = random_grid((100, 40), 5, seed=6)
+    whole = cpu.prepare_levels(p).codes
+    monkeypatch.setattr(level_matmul, "PREPARE_ROWS", 32)
+    np.testing.assert_array_equal(cpu.prepare_levels(p).codes, whole)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 5])
 def test_rows_are_the_dequantised_rows(bits):
     p = random_grid((45, 70), bits, seed=3)

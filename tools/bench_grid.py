@@ -1,10 +1,11 @@
-"""GEMV speed of the grid and vq layouts on the CPU: symmetric grid levels on the packed LUT kernel, vq codes
-on the codebook kernel, each against the FP16 runtime (the same weights decoded to FP16) and NumPy float32
-`x @ W.T`, same shapes, same run, alternating rounds.
+"""GEMV speed of the grid and vq layouts on the CPU: symmetric grid levels on the packed LUT kernel, free
+levels on the level kernel, vq codes on the codebook kernel, each against the FP16 runtime (the same weights
+decoded to FP16) and NumPy float32 `x @ W.T`, same shapes, same run, alternating rounds.
 
-    python tools/bench_grid.py --shapes 576x576,1536x576,576x1536,4096x11008,11008x4096 --bits 2,3 --vq-dims 4,3
+    python tools/bench_grid.py --shapes 576x576,1536x576,576x1536,4096x11008,11008x4096 --bits 2,3 \
+        --free-bits 2,3,4,5 --vq-dims 4,3
 
-Weights are random codes with symmetric levels (speed does not depend on their values); both grid runtimes
+Weights are random codes (speed does not depend on their values); both grid runtimes
 include the rotation of x. Each figure is the median over rounds of a median of --repeats calls. GB/s is the
 bytes each runtime holds for the weight over the time, next to a STREAM-like copy measured in the run.
 """
@@ -41,14 +42,16 @@ def copy_bandwidth() -> float:
     return 2 * a.nbytes / timed(lambda: np.copyto(b, a), 5) / 1e9
 
 
-def case(out: int, in_: int, bits: int, rounds: int, repeats: int) -> dict:
+def case(out: int, in_: int, bits: int, rounds: int, repeats: int, symmetric: bool = True) -> dict:
+    """A grid of random codes: levels mirrored about 0 (the LUT kernel's) or free ones (the level kernel's)."""
     rng = np.random.default_rng(out + bits)
     half = 1 << (bits - 1)
     mags = np.sort(rng.uniform(0.2, 2.0, half)).astype(np.float16).astype(np.float64)
-    levels = np.concatenate([-mags[::-1], mags])
+    levels = np.concatenate([-mags[::-1], mags]) if symmetric else np.sort(rng.uniform(-2.0, 2.0, 2 * half))
     packed = pack_grid(rng.integers(0, 1 << bits, (out, in_), dtype=np.uint8), rng.uniform(0.5, 1.5, out), levels,
                        12345)
-    return {"shape": [out, in_], "bits": bits, **compare(packed, "lut", rounds, repeats)}
+    kernel = "lut" if symmetric else "level"
+    return {"shape": [out, in_], "bits": bits, **compare(packed, kernel, rounds, repeats)}
 
 
 def vq_case(out: int, in_: int, dim: int, rounds: int, repeats: int) -> dict:
@@ -64,7 +67,7 @@ def compare(packed, kernel: str, rounds: int, repeats: int) -> dict:
     fast = GridLinear(packed, get_backend("cpu"))
     assert fast.kernel == kernel, f"GridLinear did not take the {kernel} kernel"
     fp16 = HalfLinear(packed.rotated().astype(np.float16))
-    rot = lambda v: rotation.rotate(v, 12345)  # noqa: E731  (what both grid runtimes do first)
+    rot = lambda v: rotation.rotate(v, 12345)
     dense = np.ascontiguousarray(packed.unpack().astype(np.float32))
     x = np.random.default_rng(out).standard_normal((1, in_)).astype(np.float32)
     runs = {kernel: [], "fp16": [], "dense": []}
@@ -85,7 +88,8 @@ def show(r: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="576x576,1536x576,576x1536,4096x11008,11008x4096")
-    ap.add_argument("--bits", default="2,3")
+    ap.add_argument("--bits", default="2,3", help="symmetric grids on the LUT kernel ('' for none)")
+    ap.add_argument("--free-bits", default="2,3,4,5", help="free-level grids on the level kernel ('' for none)")
     ap.add_argument("--vq-dims", default="4,3", help="vq run lengths on the codebook kernel ('' for none)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=20)
@@ -97,8 +101,10 @@ def main() -> None:
     print(json.dumps({"copy_gbps": round(copy_bandwidth(), 2)}), flush=True)
     for shape in args.shapes.split(","):
         out, in_ = map(int, shape.split("x"))
-        for bits in map(int, args.bits.split(",")):
+        for bits in [int(b) for b in args.bits.split(",") if b]:
             show(case(out, in_, bits, args.rounds, args.repeats))
+        for bits in [int(b) for b in args.free_bits.split(",") if b]:
+            show(case(out, in_, bits, args.rounds, args.repeats, symmetric=False))
         for dim in [int(d) for d in args.vq_dims.split(",") if d]:
             show(vq_case(out, in_ - in_ % dim, dim, args.rounds, args.repeats))
     print(json.dumps({"copy_gbps": round(copy_bandwidth(), 2)}), flush=True)

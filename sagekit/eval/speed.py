@@ -156,14 +156,15 @@ def _decode(model: Llama, tokens: np.ndarray, start: int) -> float:
 def model_speed(model: Llama, decode_tokens: int, prefill_tokens: int) -> tuple[float, float, float]:
     """(decode tok/s, prefill tok/s, decode tok/s at depth) at batch 1, as llama-bench counts them: decode
     steps from an empty cache (its `tg`), a prefill of prefill_tokens (`pp`), then decode steps after that
-    prompt (`tg` at depth `-d`), where every step also reads the prompt's keys and values."""
+    prompt (`tg` at depth `-d`), where every step also reads the prompt's keys and values. The prefill computes
+    the logits of its last token only, as llama-bench's pp does and as generation needs."""
     be = model.backend
     tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, prefill_tokens + decode_tokens)
     model.forward(tokens[:8], 0)
     be.synchronize()
     decode = _decode(model, tokens[prefill_tokens:], 0)
     t0 = time.perf_counter()
-    model.forward(tokens[:prefill_tokens], 0)
+    model.forward(tokens[:prefill_tokens], 0, last_only=True)
     be.synchronize()
     prefill = prefill_tokens / (time.perf_counter() - t0)
     return decode, prefill, _decode(model, tokens[prefill_tokens:], prefill_tokens)

@@ -29,6 +29,7 @@ CHUNK = 32  # columns per chunk: B words of 16 lanes hold a 16-row block's codes
 TABLE_MAX_TOKENS = 3  # from 4 tokens on, decoding row tiles for BLAS costs less than a lookup per weight
 TILE_ROWS = 128  # rows decoded at a time for BLAS: the only dense float32 scratch, (128, in)
 PARALLEL_MIN_WEIGHTS = 1 << 21  # smaller products run on the calling thread, as the other kernels' do
+PREPARE_ROWS = 1024  # rows re-laid at a time at load (a multiple of 16)
 
 
 def split(bits: int) -> tuple[int, int]:
@@ -63,16 +64,29 @@ class LevelCPU:
 
 
 def prepare_levels(p: PackedGrid) -> LevelCPU:
-    """The kernel's layout of a `sage-grid` matrix with 2-5 bit codes (any levels)."""
+    """The kernel's layout of a `sage-grid` matrix with 2-5 bit codes (any levels), made PREPARE_ROWS rows at
+    a time: the whole index matrix of a 49152-row head would be a 113 MB temporary at load."""
     if p.bits not in BITS:
         raise ValueError(f"level kernel: {p.bits}-bit codes, expected one of {BITS}")
     out, in_ = p.shape
-    low, high = split(p.bits)
     blocks, chunks = -(-out // ROWS), -(-in_ // CHUNK)
-    idx = np.zeros((blocks * ROWS, chunks * CHUNK), dtype=np.uint32)
-    idx[:out, :in_] = p.indices()
-    idx = idx.reshape(blocks, ROWS, chunks, CHUNK).transpose(0, 2, 1, 3)  # (blocks, chunks, 16, 32)
     words = np.zeros((blocks, chunks, p.bits, ROWS), dtype=np.uint32)
+    for r0 in range(0, out, PREPARE_ROWS):
+        part = _lane_words(p.indices(np.arange(r0, min(out, r0 + PREPARE_ROWS))), p.bits, chunks)
+        words[r0 // ROWS: r0 // ROWS + len(part)] = part
+    levels = p.levels.astype(np.float32)
+    table = np.resize(levels, 32 if p.bits == 5 else 16)
+    return LevelCPU(words.reshape(-1), table, levels, p.scale.astype(np.float32), p.shape, p.bits)
+
+
+def _lane_words(indices: np.ndarray, bits: int, chunks: int) -> np.ndarray:
+    """uint32 (blocks, chunks, B, 16) of LevelCPU's layout for uint8 (rows, in) level indices."""
+    low, high = split(bits)
+    blocks = -(-indices.shape[0] // ROWS)
+    idx = np.zeros((blocks * ROWS, chunks * CHUNK), dtype=np.uint32)
+    idx[: indices.shape[0], : indices.shape[1]] = indices
+    idx = idx.reshape(blocks, ROWS, chunks, CHUNK).transpose(0, 2, 1, 3)  # (blocks, chunks, 16, 32)
+    words = np.zeros((blocks, chunks, bits, ROWS), dtype=np.uint32)
     per_word = CHUNK // low
     for w in range(low):
         for j in range(per_word):
@@ -80,9 +94,7 @@ def prepare_levels(p: PackedGrid) -> LevelCPU:
     if high:
         for j in range(CHUNK):
             words[:, :, low] |= (idx[..., j] >> low) << j
-    levels = p.levels.astype(np.float32)
-    table = np.resize(levels, 32 if p.bits == 5 else 16)
-    return LevelCPU(words.reshape(-1), table, levels, p.scale.astype(np.float32), p.shape, p.bits)
+    return words
 
 
 @intrinsic
@@ -127,6 +139,8 @@ def _level_body(builder, data, c0_v, chunks_v, x0_v, n_bits):
         lookup = lambda idx: builder.call(perm, [tab[0], idx])
     fma = cgutils.get_or_insert_function(module, ir.FunctionType(_F16, [_F16] * 3), "llvm.fmuladd.v16f32")
     rotr = cgutils.get_or_insert_function(module, ir.FunctionType(_I16, [_I16] * 3), "llvm.fshr.v16i32")
+    ternlog = cgutils.get_or_insert_function(module, ir.FunctionType(_I16, [_I16] * 3 + [ir.IntType(32)]),
+                                             "llvm.x86.avx512.pternlog.d.512")
     splat_i = lambda v: ir.Constant(_I16, [v] * ROWS)
     loop = _Loop(builder, ir.Constant(i64, 0), chunks_v, carried=2, name=f"levels{n_bits}")
     k, accs = loop.i, list(loop.values)
@@ -147,7 +161,8 @@ def _level_body(builder, data, c0_v, chunks_v, x0_v, n_bits):
             c = w * per_word + j
             idx = field
             if high:
-                idx = builder.or_(builder.and_(field, mask), builder.and_(top, builder.not_(mask)))
+                # bits under `mask` from the field, the rest from the top word: one vpternlogd (0xE4 = C ? A : B)
+                idx = builder.call(ternlog, [field, top, mask, ir.Constant(ir.IntType(32), 0xE4)])
                 top = builder.call(rotr, [top, top, splat_i(1)])
             xc = builder.load(builder.gep(data[6], [builder.add(xk, ir.Constant(i64, c))]))
             accs[c % 2] = builder.call(fma, [lookup(idx), _splat(builder, xc), accs[c % 2]])

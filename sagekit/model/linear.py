@@ -20,6 +20,17 @@ class Linear(Protocol):
     def nbytes(self) -> int: ...
 
 
+def run_shared(x: Any, *linears: Linear) -> tuple[Any, ...]:
+    """Each linear's product with the one input x (q|k|v, gate|up). Grid and vq matrices that read one input
+    share the seed of its rotation (quant.sage_grid), so R x is made once for all of them: a decode step makes
+    90 rotations instead of 210."""
+    seed = getattr(linears[0], "rotation_seed", None)
+    if seed is not None and all(getattr(lin, "rotation_seed", None) == seed for lin in linears[1:]):
+        rx = linears[0].rotate(x)
+        return tuple(lin.rotated_matmul(rx) for lin in linears)
+    return tuple(lin(x) for lin in linears)
+
+
 class DenseLinear:
     """A weight held as an (out, in) array in the backend's dtype; the matmul is the BLAS/cuBLAS one.
 
@@ -77,7 +88,7 @@ class GridLinear:
         from sagekit.kernels import cpu
 
         self.out_features, self.in_features = packed.shape
-        seed = None if packed.rot is None else int(packed.rot[0])
+        seed = self.rotation_seed = None if packed.rot is None else int(packed.rot[0])
         if backend.is_gpu:
             from sagekit.kernels import codebook_cuda
 
@@ -101,6 +112,14 @@ class GridLinear:
 
     def __call__(self, x: Any) -> Any:
         return self._matmul(self._rotate(x), self._weights)
+
+    def rotate(self, x: Any) -> Any:
+        """R x, what the kernel reads."""
+        return self._rotate(x)
+
+    def rotated_matmul(self, rx: Any) -> Any:
+        """The product from R x (made by rotate, perhaps for another linear of the same rotation)."""
+        return self._matmul(rx, self._weights)
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
         """float32 rows of the stored W R^T (the embedding lookup of a packed head)."""
