@@ -10,7 +10,7 @@ per token), then y_r = scale_r * sum_j T[j, code of row r's run j], against D mu
 run for dense float32. With AVX-512 and 256 entries a run's table sits in 16 registers and 8 `vpermt2ps` and
 a blend tree look 16 rows up (codebook_intrinsics.table_run_blocks); otherwise one gather serves 16 rows
 (table_rows16), as it does for the large products that run on two threads. Prefill: rows
-decoded 128 at a time into a float32 tile, then BLAS, which beats a table read per run from a few tokens on.
+decoded into a float32 tile for BLAS (tiles.py), which beats a table read per run from a few tokens on.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from sagekit.format.sage_vq import PackedVQ
 from sagekit.kernels.codebook_intrinsics import table_rows16, table_run_blocks
 from sagekit.kernels.llvm_intrinsics import AVX512, ROWS
 from sagekit.kernels.serial_twin import serial_twin
+from sagekit.kernels.tiles import tiled_matmul
 
 # Set from the gather: 16 table entries took about 9 ns here (EPYC, Zen 4: 0.56 ns a byte), the FP16 kernel
 # about 0.13 ns a weight, so a byte had to code 3+ weights to keep up. Runs of 2 on the register lookup were
 # measured too (BENCHMARKS, session 10): 0.67-0.86x the FP16 runtime, so 3 stays.
 MIN_RUN = 3
 TABLE_MAX_TOKENS = 3  # from 4 tokens on, decoding row tiles for BLAS costs less than a table read per run
-TILE_ROWS = 128  # rows decoded at a time for BLAS: the only dense float32 scratch, (128, in)
 CHUNK_BYTES = 1 << 18  # the runs of one pass over the rows: their tables (256 KiB) stay in L2
 PARALLEL_MIN_WEIGHTS = 1 << 21  # smaller products run on the calling thread, as the LUT kernel's do
 MAX_DIM = 8  # the longest run of weights a byte codes (vq's D, 8 // B for a B-bit grid)
@@ -201,13 +201,8 @@ def codebook_matmul(x: np.ndarray, w: CodebookCPU) -> np.ndarray:
             chunk = max(1, CHUNK_BYTES // (4 * k))
             y = (_table_matmul_serial if small else _table_matmul)(tables, k, w.codes, runs, chunk)
         return y[:, :out] * w.scale
-    y = np.empty((xp.shape[0], out), dtype=np.float32)
-    tile = np.empty((TILE_ROWS, runs * w.dim), dtype=np.float32)
-    for r0 in range(0, out, TILE_ROWS):
-        r1 = min(out, r0 + TILE_ROWS)
-        _decode_tile(w.codes, w.codewords_t, w.dim, w.scale, runs, r0, r1, tile)
-        y[:, r0:r1] = xp @ tile[: r1 - r0].T
-    return y
+    return tiled_matmul(xp, out, runs * w.dim,
+                        lambda r0, r1, tile: _decode_tile(w.codes, w.codewords_t, w.dim, w.scale, runs, r0, r1, tile))
 
 
 def decode_rows(w: CodebookCPU, rows: np.ndarray) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 The kernels live by job: lut_matmul.py (packed `sage` weights), level_matmul.py (2- to 5-bit free-level
 `sage-grid` weights), codebook_matmul.py (`sage-vq` and the other free-level grids), half_matmul.py (FP16
-weights), transformer_ops.py (attention, RMSNorm, RoPE, SiLU-gate) and llvm_intrinsics.py (the hand-written IR).
+weights), transformer_ops.py (attention, RMSNorm, RoPE) and llvm_intrinsics.py (the hand-written IR).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from sagekit.kernels.lut_matmul import (
     unpack_rows,
     walsh_beta,
 )
-from sagekit.kernels.transformer_ops import decode_attention, rmsnorm, rope, silu_mul
+from sagekit.kernels.transformer_ops import decode_attention, rmsnorm, rope
 
 __all__ = [
     "AVX512",
@@ -57,7 +57,6 @@ __all__ = [
     "rope",
     "run_length",
     "sage_matmul",
-    "silu_mul",
     "unpack_rows",
     "walsh_beta",
 ]

@@ -7,7 +7,7 @@ copy, 2 bytes a weight. Here each code stays B bits in memory, laid out so 16 ro
 vector: per column, a shift (and, for 3 and 5 bits, a rotate and a bit-select) puts the 16 rows' codes in the
 low bits of 16 lanes, one `vpermps` (`vpermt2ps` for 32 levels) turns them into level values, and one
 multiply-add by the broadcast x[c] accumulates them: 3 to 5 vector instructions per 16 weights, no table
-to build per token. Prefill decodes 128-row tiles for BLAS, as the other kernels do.
+to build per token. Prefill decodes rows into tiles for BLAS (tiles.py), as the codebook kernel does.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from numba.extending import intrinsic
 from sagekit.format.sage_grid import PackedGrid
 from sagekit.kernels.llvm_intrinsics import _F16, _I16, AVX512, ROWS, _Loop, _splat
 from sagekit.kernels.serial_twin import serial_twin
+from sagekit.kernels.tiles import tiled_matmul
 
 BITS = (2, 3, 4, 5)  # codes this kernel runs: 2^B levels fit the one or two registers a permute reads
 CHUNK = 32  # columns per chunk: B words of 16 lanes hold a 16-row block's codes of 32 columns
 TABLE_MAX_TOKENS = 3  # from 4 tokens on, decoding row tiles for BLAS costs less than a lookup per weight
-TILE_ROWS = 128  # rows decoded at a time for BLAS: the only dense float32 scratch, (128, in)
 PARALLEL_MIN_WEIGHTS = 1 << 21  # smaller products run on the calling thread, as the other kernels' do
 PREPARE_ROWS = 1024  # rows re-laid at a time at load (a multiple of 16)
 
@@ -222,13 +222,8 @@ def level_matmul(x: np.ndarray, w: LevelCPU) -> np.ndarray:
         small = xp.shape[0] * w.shape[0] * w.shape[1] < PARALLEL_MIN_WEIGHTS
         y = (_level_matmul_serial if small else _level_matmul)(xp, w.codes, w.table, w.chunks, w.bits)
         return y[:, :out] * w.scale
-    y = np.empty((xp.shape[0], out), dtype=np.float32)
-    tile = np.empty((TILE_ROWS, width), dtype=np.float32)
-    for r0 in range(0, out, TILE_ROWS):
-        rows = np.arange(r0, min(out, r0 + TILE_ROWS), dtype=np.int64)
-        _decode(w.codes, w.levels, w.scale, w.chunks, w.bits, rows, tile)
-        y[:, r0:r0 + rows.size] = xp @ tile[: rows.size].T
-    return y
+    return tiled_matmul(xp, out, width, lambda r0, r1, tile: _decode(w.codes, w.levels, w.scale, w.chunks, w.bits,
+                                                                   np.arange(r0, r1), tile))
 
 
 def level_rows(w: LevelCPU, rows: np.ndarray) -> np.ndarray:

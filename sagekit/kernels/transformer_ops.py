@@ -1,4 +1,4 @@
-"""CPU transformer ops (Numba) for the float32 forward pass: decode attention, RMSNorm, RoPE and SiLU-gate.
+"""CPU transformer ops (Numba) for the float32 forward pass: decode attention, RMSNorm and RoPE.
 
 At one token NumPy's and BLAS's per-call costs outweigh the arithmetic of these ops, so each kernel does
 the same math as the NumPy path in one call.
@@ -103,15 +103,3 @@ def rope(x, cos, sin):
     return out
 
 
-@njit(cache=True, fastmath=True)
-def silu_mul(g, u):
-    """silu(g) * u = g * sigmoid(g) * u elementwise, with sigmoid from exp of -|g| only (no overflow, no libm
-    call, so the loop vectorises). Layout: g, u (T, hidden) f32."""
-    out = np.empty_like(g)
-    for i in range(g.shape[0]):
-        for j in range(g.shape[1]):
-            x = g[i, j]
-            e = _exp_nonpositive(-abs(x))
-            s = np.float32(1) / (np.float32(1) + e)
-            out[i, j] = x * (s if x >= 0 else e * s) * u[i, j]
-    return out
