@@ -25,7 +25,7 @@ from sagekit.format.sage_vq import PackedVQ
 from sagekit.kernels.codebook_intrinsics import table_rows16, table_run_blocks
 from sagekit.kernels.llvm_intrinsics import AVX512, ROWS
 from sagekit.kernels.serial_twin import serial_twin
-from sagekit.kernels.tiles import tiled_matmul
+from sagekit.kernels.tiles import padded, tiled_matmul
 
 # Set from the gather: 16 table entries took about 9 ns here (EPYC, Zen 4: 0.56 ns a byte), the FP16 kernel
 # about 0.13 ns a weight, so a byte had to code 3+ weights to keep up. Runs of 2 on the register lookup were
@@ -179,19 +179,10 @@ def _decode_tile(codes: np.ndarray, codewords_t: np.ndarray, d: int, scale: np.n
                 tile[r - r0, j * d + i] = s * codewords_t[i, c]
 
 
-def _padded(x: np.ndarray, width: int) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.shape[1] == width:
-        return x
-    out = np.zeros((x.shape[0], width), dtype=np.float32)
-    out[:, : x.shape[1]] = x
-    return out
-
-
 def codebook_matmul(x: np.ndarray, w: CodebookCPU) -> np.ndarray:
     """float32 (T, out) = x (T, in) @ W_hat.T, W_hat the scaled codewords of w (no rotation: the caller's)."""
     out, runs, k = w.shape[0], w.runs, w.codewords_t.shape[1]
-    xp = _padded(x, runs * w.dim)
+    xp = padded(x, runs * w.dim)
     if xp.shape[0] <= TABLE_MAX_TOKENS:
         small = xp.size * out < PARALLEL_MIN_WEIGHTS
         tables = (_tables_serial if small else _tables)(xp, w.codewords_t, w.dim)

@@ -23,7 +23,7 @@ from numba.extending import intrinsic
 from sagekit.format.sage_grid import PackedGrid
 from sagekit.kernels.llvm_intrinsics import _F16, _I16, AVX512, ROWS, _Loop, _splat
 from sagekit.kernels.serial_twin import serial_twin
-from sagekit.kernels.tiles import tiled_matmul
+from sagekit.kernels.tiles import padded, tiled_matmul
 
 BITS = (2, 3, 4, 5)  # codes this kernel runs: 2^B levels fit the one or two registers a permute reads
 CHUNK = 32  # columns per chunk: B words of 16 lanes hold a 16-row block's codes of 32 columns
@@ -205,19 +205,10 @@ def _decode(codes, levels, scale, chunks, bits, rows, tile):
                 tile[i, k * CHUNK + c] = s * levels[code]
 
 
-def _padded(x: np.ndarray, width: int) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.shape[1] == width:
-        return x
-    out = np.zeros((x.shape[0], width), dtype=np.float32)
-    out[:, : x.shape[1]] = x
-    return out
-
-
 def level_matmul(x: np.ndarray, w: LevelCPU) -> np.ndarray:
     """float32 (T, out) = x (T, in) @ W_hat.T (no rotation: the caller's)."""
     out, width = w.shape[0], w.chunks * CHUNK
-    xp = _padded(x, width)
+    xp = padded(x, width)
     if xp.shape[0] <= TABLE_MAX_TOKENS and AVX512:
         small = xp.shape[0] * w.shape[0] * w.shape[1] < PARALLEL_MIN_WEIGHTS
         y = (_level_matmul_serial if small else _level_matmul)(xp, w.codes, w.table, w.chunks, w.bits)

@@ -1,4 +1,5 @@
-"""Prefill on packed weights: rows decoded to float32 into a reused per-thread tile, multiplied by BLAS.
+"""The float32 sides of the codebook and level kernels: x zero-padded to a layout's width, and prefill as rows
+decoded into a reused per-thread tile that BLAS multiplies.
 
 From a few tokens on, BLAS on decoded rows beats a lookup per weight. Tiles of up to TILE_FLOATS hold each of
 the demo model's matrices whole: BLAS ran its 512 x 576 x 1536 GEMM at 150 GFLOP/s whole against 117 in
@@ -24,6 +25,16 @@ def _scratch(n: int) -> np.ndarray:
     if buf is None or buf.size < n:
         buf = _local.tile = np.empty(n, dtype=np.float32)
     return buf
+
+
+def padded(x: np.ndarray, width: int) -> np.ndarray:
+    """x (T, in) as C-contiguous float32 (T, width), zeros past in (the padding weights multiply them)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape[1] == width:
+        return x
+    out = np.zeros((x.shape[0], width), dtype=np.float32)
+    out[:, : x.shape[1]] = x
+    return out
 
 
 def tiled_matmul(x: np.ndarray, out_features: int, width: int,
