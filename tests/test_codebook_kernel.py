@@ -72,12 +72,12 @@ LEVEL = "level" if cpu.AVX512 else "half"  # the level kernel needs AVX-512; wit
 
 @pytest.mark.parametrize("make,expect", [
     (lambda: random_vq((64, 96), 4, 0), "book"), (lambda: random_vq((64, 96), 3, 0), "book"),
-    (lambda: random_vq((64, 96), 2, 0), "half"), (lambda: random_grid((64, 96), 1, 0), "book"),
+    (lambda: random_vq((64, 96), 2, 0), "book"), (lambda: random_grid((64, 96), 1, 0), "book"),
     (lambda: random_grid((64, 96), 2, 0), LEVEL), (lambda: random_grid((64, 96), 3, 0), LEVEL),
     (lambda: random_grid((64, 96), 5, 0), LEVEL), (lambda: random_grid((64, 96), 6, 0), "half"),
 ])
 def test_grid_linear_picks_the_kernel_by_layout(make, expect):
-    """vq runs of 3+ on the codebook kernel, free-level grids of 2-5 bits on the level kernel, the rest FP16."""
+    """vq on the codebook kernel, free-level grids of 2-5 bits on the level kernel, 6+ bits FP16."""
     p = make()
     lin = GridLinear(p, get_backend("cpu"))
     assert lin.kernel == expect

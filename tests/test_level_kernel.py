@@ -82,3 +82,18 @@ def test_a_grid_linear_holds_the_codes_at_their_stored_size():
 def test_other_widths_are_refused():
     with pytest.raises(ValueError, match="6-bit codes"):
         cpu.prepare_levels(random_grid((16, 32), 6, seed=0))
+
+
+def test_prefill_tiles_cover_every_row(monkeypatch):
+    """tiled_matmul in tiles of 16 rows (TILE_FLOATS forced small) gives the product of the whole matrix, for
+    both kernels that use it."""
+    from conftest import random_vq
+
+    from sagekit.kernels import tiles
+
+    monkeypatch.setattr(tiles, "TILE_FLOATS", 16 * 96)
+    x = np.random.default_rng(1).standard_normal((9, 96)).astype(np.float32)
+    for p, prepare, matmul in ((random_grid((70, 96), 3, seed=7), cpu.prepare_levels, cpu.level_matmul),
+                               (random_vq((70, 96), 4, seed=7), cpu.prepare_codebook, cpu.codebook_matmul)):
+        ref = x @ p.rotated().T
+        np.testing.assert_allclose(matmul(x, prepare(p)), ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))

@@ -27,10 +27,10 @@ from sagekit.kernels.llvm_intrinsics import AVX512, ROWS
 from sagekit.kernels.serial_twin import serial_twin
 from sagekit.kernels.tiles import padded, tiled_matmul
 
-# Set from the gather: 16 table entries took about 9 ns here (EPYC, Zen 4: 0.56 ns a byte), the FP16 kernel
-# about 0.13 ns a weight, so a byte had to code 3+ weights to keep up. Runs of 2 on the register lookup were
-# measured too (BENCHMARKS, session 10): 0.67-0.86x the FP16 runtime, so 3 stays.
-MIN_RUN = 3
+# Runs of 2 (vq D = 2) run here at 0.67-0.86x the FP16 runtime's speed on the demo's shapes (BENCHMARKS,
+# session 10) but at a quarter of its bytes: the 2.03-bit allocation gives D = 2 to every v_proj, and as FP16
+# copies they held its weights at 1.13x the file. Runs of 1 (grids of 6+ bits) stay FP16.
+MIN_RUN = 2
 TABLE_MAX_TOKENS = 3  # from 4 tokens on, decoding row tiles for BLAS costs less than a table read per run
 CHUNK_BYTES = 1 << 18  # the runs of one pass over the rows: their tables (256 KiB) stay in L2
 PARALLEL_MIN_WEIGHTS = 1 << 21  # smaller products run on the calling thread, as the LUT kernel's do

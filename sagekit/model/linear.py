@@ -77,9 +77,8 @@ class GridLinear:
       * "lut": grid levels mirrored about 0 (`--levels symmetric`), on the packed `sage` LUT kernel: the codes
         as a sign plane and magnitude-id planes (PackedGrid.as_sage), y scaled per row after;
       * "level": other 2- to 5-bit grids (free levels), on the level kernel at their stored bits (AVX-512);
-      * "book": vq codebooks and the other grids with 3+ weights a byte (vq's D, 8 // B), on the codebook
-        kernel at one byte per run of weights;
-      * "half": the rest (vq D = 2, or no AVX-512 for the level kernel), decoded once to FP16 at load,
+      * "book": vq codebooks and 1-bit grids, on the codebook kernel at one byte per run of weights;
+      * "half": the rest (grids of 6+ bits, or free levels without AVX-512), decoded once to FP16 at load,
         y = (s * levels[codes]) (R x) in the FP16 kernel, 2 bytes a weight.
     """
 
