@@ -4,7 +4,8 @@ consecutive weights as one of K <= 256 codewords of its matrix, times the row's 
 It runs the layouts whose values are not a sign times a magnitude, so not the `sage` LUT kernel's:
   * `sage-vq`: its codes and codebook as stored (D = 2..8, one byte per run);
   * `sage-grid` with free levels: D = 8 // B codes of B bits joined into one byte (K = 2^(B D)), the
-    codewords every D-tuple of levels. That holds 8 / D bits a weight (4 at 3 bits, 8 at 5).
+    codewords every D-tuple of levels. The model gives it 1-bit grids only (D = 8); 2- to 5-bit grids run
+    on the level kernel (level_matmul.py), at their stored bits.
 Method, decode (a few tokens): a table T[j, c] = codeword c . x[jD : jD + D] (runs x K float32, built once
 per token), then y_r = scale_r * sum_j T[j, code of row r's run j], against D multiply-adds and 4 D bytes a
 run for dense float32. With AVX-512 and 256 entries a run's table sits in 16 registers and 8 `vpermt2ps` and

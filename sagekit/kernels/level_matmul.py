@@ -1,9 +1,9 @@
 """CPU matmul on free-level `sage-grid` weights held at their stored bits (Numba): y = x @ W_hat.T with
 W_hat[r, c] = scale[r] * levels[code[r, c]], for B = 2 to 5 bit codes and any 2^B levels.
 
-The `sage` LUT kernel needs levels mirrored about 0, the codebook kernel a byte per 3+ weights; a 3- to
-5-bit grid with free levels (the recipe's default, and the packed lm_head) fits neither, and ran from an FP16
-copy, 2 bytes a weight. Here each code stays B bits in memory, laid out so 16 rows sit side by side in one
+The `sage` LUT kernel needs levels mirrored about 0, and the codebook kernel holds a byte per run of 8 // B
+weights (8 bits a weight at 5 bits); a 3- to 5-bit grid with free levels (the recipe's default, and the packed
+lm_head) ran from an FP16 copy, 2 bytes a weight. Here each code stays B bits in memory, laid out so 16 rows sit side by side in one
 vector: per column, a shift (and, for 3 and 5 bits, a rotate and a bit-select) puts the 16 rows' codes in the
 low bits of 16 lanes, one `vpermps` (`vpermt2ps` for 32 levels) turns them into level values, and one
 multiply-add by the broadcast x[c] accumulates them: 3 to 5 vector instructions per 16 weights, no table
