@@ -22,8 +22,8 @@ class Linear(Protocol):
 
 def run_shared(x: Any, *linears: Linear) -> tuple[Any, ...]:
     """Each linear's product with the one input x (q|k|v, gate|up). Grid and vq matrices that read one input
-    share the seed of its rotation (quant.sage_grid), so R x is made once for all of them: a decode step makes
-    90 rotations instead of 210."""
+    share the seed of its rotation (the quantiser derives it from the input's name), so R x is made once for all
+    of them: a decode step makes 90 rotations instead of 210."""
     seed = getattr(linears[0], "rotation_seed", None)
     if seed is not None and all(getattr(lin, "rotation_seed", None) == seed for lin in linears[1:]):
         rx = linears[0].rotate(x)
