@@ -112,6 +112,7 @@ def level_block16(typingctx, acc, a0, codes, c0, chunks, table, x, x0, bits):
 
     def codegen(context, builder, sig, args):
         _, a0_v, _, c0_v, chunks_v, _, _, x0_v, bits_v = args
+        # data pointers by argument position: 0 acc, 2 codes, 5 table, 6 x
         data = {i: context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 2, 5, 6)}
         for n_bits in BITS:
             with builder.if_then(builder.icmp_signed("==", bits_v, ir.Constant(bits_v.type, n_bits))):
@@ -173,7 +174,7 @@ def _level_body(builder, data, c0_v, chunks_v, x0_v, n_bits):
 
 @njit(cache=True, fastmath=True, parallel=True)
 def _level_matmul(x, codes, table, chunks, bits):
-    """float32 (T, blocks * 16) of the unscaled product; x float32 (T, chunks * 32) zero-padded; """
+    """float32 (T, blocks * 16) of the unscaled product; x float32 (T, chunks * 32) zero-padded."""
     n_tok = x.shape[0]
     blocks = codes.size // (chunks * bits * ROWS)
     y = np.zeros(n_tok * blocks * ROWS, dtype=np.float32)
