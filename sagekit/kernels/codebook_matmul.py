@@ -54,6 +54,11 @@ class CodebookCPU:
     dim: int  # D
 
     @property
+    def blocks(self) -> int:
+        """16-row blocks, the last one padded."""
+        return -(-self.shape[0] // ROWS)
+
+    @property
     def runs(self) -> int:
         return -(-self.shape[1] // self.dim)
 
@@ -168,10 +173,10 @@ _table_matmul_serial = serial_twin(_table_matmul)
 
 
 @njit(cache=True, fastmath=True)
-def _decode_tile(codes: np.ndarray, codewords_t: np.ndarray, d: int, scale: np.ndarray, runs: int, r0: int, r1: int,
-                 tile: np.ndarray) -> None:
-    """tile[:r1 - r0, :runs * D] = rows r0..r1 of scale * codewords[codes]."""
-    stride = codes.size // runs  # row r = 16 b + i sits at 16 b + i of every run
+def _decode_tile(codes: np.ndarray, codewords_t: np.ndarray, d: int, scale: np.ndarray, runs: int, stride: int,
+                 r0: int, r1: int, tile: np.ndarray) -> None:
+    """tile[:r1 - r0, :runs * D] = rows r0..r1 of scale * codewords[codes]; run j's codes from j * stride, row r
+    at r within them."""
     for r in range(r0, r1):
         s = scale[r]
         for j in range(runs):
@@ -188,19 +193,20 @@ def codebook_matmul(x: np.ndarray, w: CodebookCPU) -> np.ndarray:
         small = xp.size * out < PARALLEL_MIN_WEIGHTS
         tables = (_tables_serial if small else _tables)(xp, w.codewords_t, w.dim)
         if AVX512 and k == 256 and small:
-            y = _permute_matmul(tables, w.codes, runs, w.codes.size // (runs * ROWS))
+            y = _permute_matmul(tables, w.codes, runs, w.blocks)
         else:
             chunk = max(1, CHUNK_BYTES // (4 * k))
             y = (_table_matmul_serial if small else _table_matmul)(tables, k, w.codes, runs, chunk)
         return y[:, :out] * w.scale
-    return tiled_matmul(xp, out, runs * w.dim,
-                        lambda r0, r1, tile: _decode_tile(w.codes, w.codewords_t, w.dim, w.scale, runs, r0, r1, tile))
+    stride = w.blocks * ROWS
+    return tiled_matmul(xp, out, runs * w.dim, lambda r0, r1, tile: _decode_tile(
+        w.codes, w.codewords_t, w.dim, w.scale, runs, stride, r0, r1, tile))
 
 
 def decode_rows(w: CodebookCPU, rows: np.ndarray) -> np.ndarray:
     """float32 (len(rows), in): the scaled codewords of the given rows (an embedding lookup)."""
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     j = np.arange(w.runs)
-    at = rows[:, None] + j[None, :] * (w.codes.size // w.runs)
+    at = rows[:, None] + j[None, :] * (w.blocks * ROWS)
     vals = w.codewords_t[: w.dim].T[w.codes[at]]  # (n, runs, D)
     return (w.scale[rows, None] * vals.reshape(len(rows), -1))[:, : w.shape[1]]
