@@ -15,6 +15,11 @@ __all__ = ["Model", "Reply", "__version__", "compress", "load"]
 # 512-token prefill of the compressed demo model took 3.7 s spinning and 1.0 s with this (docs/BENCHMARKS.md).
 # Set before Numba first loads OpenMP; a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+# OpenBLAS's idle threads spin for 2^28 cycles (a tenth of a second) after each call: a parallel kernel started
+# in that time ran on one core, the 3-bit 4096x11008 GEMV at 4.4-4.8 ms right after a float32 GEMM against
+# 2.0-2.9 ms (docs/BENCHMARKS.md, session 12). 2^16 cycles keeps them warm between back-to-back calls only.
+# OpenBLAS reads it when NumPy loads it, so it holds where sagekit is imported before NumPy (the command line).
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "16")
 
 if TYPE_CHECKING:
     from sagekit.api import Model, Reply, compress, load

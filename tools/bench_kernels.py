@@ -17,6 +17,7 @@ import platform
 import time
 
 import numba
+import sagekit  # noqa: F401  (first: its thread settings must reach OpenBLAS before NumPy loads it)
 import numpy as np
 
 from sagekit.format.sage import random_packed, unpack_sage

@@ -16,6 +16,7 @@ import platform
 import time
 from pathlib import Path
 
+import sagekit  # noqa: F401  (first: its thread settings must reach OpenBLAS before NumPy loads it)
 import numpy as np
 
 from sagekit.backend import get_backend

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import sagekit  # noqa: F401  (first: its thread settings must reach OpenBLAS before NumPy loads it)
 import numpy as np
 
 from sagekit.format import rotation

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+import sagekit  # noqa: F401  (first: its thread settings must reach OpenBLAS before NumPy loads it)
 import numpy as np
 
 from sagekit.backend import get_backend

@@ -172,12 +172,12 @@ _tables_serial = serial_twin(_tables)
 _table_matmul_serial = serial_twin(_table_matmul)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, parallel=True)
 def _decode_tile(codes: np.ndarray, codewords_t: np.ndarray, d: int, scale: np.ndarray, runs: int, stride: int,
                  r0: int, r1: int, tile: np.ndarray) -> None:
     """tile[:r1 - r0, :runs * D] = rows r0..r1 of scale * codewords[codes]; run j's codes from j * stride, row r
-    at r within them."""
-    for r in range(r0, r1):
+    at r within them. Rows split over the threads: 1.0 against 1.75 ms for a 1536 x 576 tile on one."""
+    for r in prange(r0, r1):
         s = scale[r]
         for j in range(runs):
             c = codes[r + j * stride]

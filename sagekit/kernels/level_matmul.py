@@ -189,12 +189,13 @@ def _level_matmul(x, codes, table, chunks, bits):
 _level_matmul_serial = serial_twin(_level_matmul)
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _decode(codes, levels, scale, chunks, bits, rows, tile):
-    """tile[i, :chunks * 32] = row rows[i] of scale * levels[code] (the padding columns too)."""
+    """tile[i, :chunks * 32] = row rows[i] of scale * levels[code] (the padding columns too), rows split over the
+    threads (a prefill's tiles); the serial twin serves the embedding's few rows."""
     low = 4 if bits >= 4 else 2
     per_word, mask = CHUNK // low, (1 << low) - 1
-    for i in range(rows.size):
+    for i in prange(rows.size):
         r = rows[i]
         b, lane, s = r // ROWS, r % ROWS, scale[r]
         for k in range(chunks):
@@ -204,6 +205,9 @@ def _decode(codes, levels, scale, chunks, bits, rows, tile):
                 code = (codes[base + (c // per_word) * ROWS] >> (low * (c % per_word))) & mask
                 code |= ((top >> c) & 1) << low
                 tile[i, k * CHUNK + c] = s * levels[code]
+
+
+_decode_serial = serial_twin(_decode)
 
 
 def level_matmul(x: np.ndarray, w: LevelCPU) -> np.ndarray:
@@ -222,5 +226,5 @@ def level_rows(w: LevelCPU, rows: np.ndarray) -> np.ndarray:
     """float32 (len(rows), in): the scaled levels of the given rows (an embedding lookup)."""
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     tile = np.empty((rows.size, w.chunks * CHUNK), dtype=np.float32)
-    _decode(w.codes, w.levels, w.scale, w.chunks, w.bits, rows, tile)
+    _decode_serial(w.codes, w.levels, w.scale, w.chunks, w.bits, rows, tile)
     return tile[:, : w.shape[1]]
