@@ -16,8 +16,8 @@ import os
 import platform
 import time
 
+import sagekit  # noqa: F401  (first: its thread settings must reach OpenBLAS before Numba or NumPy loads it)
 import numba
-import sagekit  # noqa: F401  (first: its thread settings must reach OpenBLAS before NumPy loads it)
 import numpy as np
 
 from sagekit.format.sage import random_packed, unpack_sage
