@@ -133,30 +133,6 @@ def test_decode_attention_matches_softmax_attention(n_heads, n_kv, length, d):
     np.testing.assert_allclose(out, ref, atol=2e-6)
 
 
-@pytest.mark.parametrize("n_tok, start, n_heads, n_kv, d", [(1, 0, 9, 3, 64), (7, 0, 9, 3, 64), (8, 21, 4, 2, 64),
-                                                        (33, 5, 4, 4, 72), (2, 0, 8, 1, 16)])
-def test_prefill_attention_is_causal_softmax_attention(n_tok, start, n_heads, n_kv, d):
-    """T new queries after `start` cached positions: query t sees positions <= start + t and nothing past them
-    (the cache's tail holds garbage). Odd and even T: the kernel pairs query t with query T-1-t."""
-    rng = np.random.default_rng(n_tok + start)
-    s_max = start + n_tok + 9
-    q = (rng.standard_normal((n_tok, n_heads, d)) / np.sqrt(d)).astype(np.float32)
-    keys = rng.standard_normal((n_kv, s_max, d)).astype(np.float32)
-    values = rng.standard_normal((n_kv, s_max, d)).astype(np.float32)
-    keys[:, start + n_tok:] = 1e4
-    out = np.full((n_tok, n_heads, d), np.nan, np.float32)
-    cpu.prefill_attention(q, keys, values, start, out)
-    rep = n_heads // n_kv
-    k = np.repeat(keys, rep, axis=0).astype(np.float64)
-    v = np.repeat(values, rep, axis=0).astype(np.float64)
-    scores = np.einsum("thd,hsd->ths", q, k)
-    visible = np.arange(s_max)[None, :] <= start + np.arange(n_tok)[:, None]
-    scores = np.where(visible[:, None, :], scores, -np.inf)
-    p = np.exp(scores - scores.max(axis=2, keepdims=True))
-    ref = np.einsum("ths,hsd->thd", p / p.sum(axis=2, keepdims=True), v)
-    np.testing.assert_allclose(out, ref, atol=2e-6)
-
-
 @pytest.mark.parametrize("t", [1, 7])
 def test_rmsnorm_and_rope_kernels_match_their_formulas(t):
     """The Numba RMSNorm and RoPE the CPU model uses, against the NumPy formulas in float64."""

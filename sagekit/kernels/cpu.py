@@ -33,7 +33,7 @@ from sagekit.kernels.lut_matmul import (
     unpack_rows,
     walsh_beta,
 )
-from sagekit.kernels.transformer_ops import decode_attention, prefill_attention, rmsnorm, rope
+from sagekit.kernels.transformer_ops import decode_attention, rmsnorm, rope
 
 __all__ = [
     "AVX512",
@@ -53,7 +53,6 @@ __all__ = [
     "prepare",
     "prepare_codebook",
     "prepare_levels",
-    "prefill_attention",
     "rmsnorm",
     "rope",
     "run_length",

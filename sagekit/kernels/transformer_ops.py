@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from sagekit.kernels.llvm_intrinsics import ROWS, scores16, weighted_rows64
 
@@ -31,67 +31,44 @@ def _exp_nonpositive(x):
     return p * POW2[np.int64(n) + 126]
 
 
-@njit(cache=True, fastmath=True, inline="always")
-def _attend(q, h, k, v, length, o, p):
-    """o = softmax(q[h] k[:length]^T) v[:length] for one query head. Layout: q (H, D) f32, already scaled by
-    1/sqrt(D); k and v (S_max, D) f32, one KV head of the cache; o (D,) f32; p (>= length,) f32 scratch.
-    Both loops run along D in unit stride."""
-    d = q.shape[1]
-    blocked = length // ROWS * ROWS if d % ROWS == 0 else 0  # 16 positions at a time, their sums reduced together
-    for j0 in range(0, blocked, ROWS):
-        scores16(p, np.int64(j0), k, np.int64(j0), q, np.int64(h))
-    for j in range(blocked, length):
-        s = np.float32(0)
-        for e in range(d):
-            s += q[h, e] * k[j, e]
-        p[j] = s
-    top = -np.inf
-    for j in range(length):
-        top = max(top, p[j])
-    total = np.float32(0)
-    for j in range(length):
-        p[j] = _exp_nonpositive(p[j] - top)
-        total += p[j]
-    if d % 64 == 0:
-        for c0 in range(0, d, 64):
-            weighted_rows64(o, np.int64(c0), v, np.int64(c0), p, np.int64(length))
-    else:
-        o[:] = 0
-        for j in range(length):
-            for e in range(d):
-                o[e] += p[j] * v[j, e]
-    o *= np.float32(1) / total
-
-
 @njit(cache=True, fastmath=True)
 def decode_attention(q, keys, values, length, out):
     """One query position over the cache: softmax(q k^T) v per head, grouped-query heads sharing a KV head.
 
     Layout: q (H, D) f32, already scaled by 1/sqrt(D); keys and values (KV, S_max, D) f32, one layer of the
-    cache, positions < length valid; out (H, D) f32. At 3 queries x 64 dims per KV head a BLAS call would
-    cost ~10 us of overhead each (measured: 36 us for the whole layer here against 97 us through NumPy at
-    544 positions)."""
-    n_heads = q.shape[0]
+    cache, positions < length valid; out (H, D) f32. Both loops run along D in unit stride; at 3 queries x
+    64 dims per KV head a BLAS call would cost ~10 us of overhead each (measured: 36 us for the whole
+    layer here against 97 us through NumPy at 544 positions)."""
+    n_heads, d = q.shape
     rep = n_heads // keys.shape[0]
     p = np.empty(length, dtype=np.float32)
+    blocked = length // ROWS * ROWS if d % ROWS == 0 else 0  # 16 positions at a time, their sums reduced together
     for h in range(n_heads):
-        _attend(q, h, keys[h // rep], values[h // rep], length, out[h], p)
-
-
-@njit(cache=True, fastmath=True, parallel=True)
-def prefill_attention(q, keys, values, start, out):
-    """Causal attention of T new queries at positions start.. over the cache, each query as decode_attention
-    runs one. Layout: q (T, H, D) f32, already scaled; keys and values (KV, S_max, D) f32, positions <
-    start + T filled; out (T, H, D) f32. A query's work grows with its position, so each parallel iteration
-    takes query t and query T-1-t: equal halves for the two threads' static shares."""
-    n_tok, n_heads = q.shape[0], q.shape[1]
-    rep = n_heads // keys.shape[0]
-    for i in prange((n_tok + 1) // 2):
-        p = np.empty(start + n_tok, dtype=np.float32)
-        for u in range(1 if 2 * i + 1 == n_tok else 2):
-            t = np.int64(i) + u * (n_tok - 1 - 2 * np.int64(i))
-            for h in range(n_heads):
-                _attend(q[t], h, keys[h // rep], values[h // rep], start + t + 1, out[t, h], p)
+        k, v = keys[h // rep], values[h // rep]
+        for j0 in range(0, blocked, ROWS):
+            scores16(p, np.int64(j0), k, np.int64(j0), q, np.int64(h))
+        for j in range(blocked, length):
+            s = np.float32(0)
+            for e in range(d):
+                s += q[h, e] * k[j, e]
+            p[j] = s
+        top = -np.inf
+        for j in range(length):
+            top = max(top, p[j])
+        total = np.float32(0)
+        for j in range(length):
+            p[j] = _exp_nonpositive(p[j] - top)
+            total += p[j]
+        o = out[h]
+        if d % 64 == 0:
+            for c0 in range(0, d, 64):
+                weighted_rows64(o, np.int64(c0), v, np.int64(c0), p, np.int64(length))
+        else:
+            o[:] = 0
+            for j in range(length):
+                for e in range(d):
+                    o[e] += p[j] * v[j, e]
+        o *= np.float32(1) / total
 
 
 @njit(cache=True, fastmath=True)
