@@ -193,8 +193,8 @@ _level_matmul_serial = serial_twin(_level_matmul)
 def _decode(codes, levels, scale, chunks, bits, rows, tile):
     """tile[i, :chunks * 32] = row rows[i] of scale * levels[code] (the padding columns too), rows split over the
     threads (a prefill's tiles); the serial twin serves the embedding's few rows. Column c = w (32 // low) + j
-    sits in word w at bits j low: nested loops reach it without a division per weight, which took 2 to 4 times
-    as long."""
+    sits in word w at bits j low: nested loops reach it without a division per weight, which made a 1536 x 576
+    tile 9 times as slow on one thread (BENCHMARKS, session 13)."""
     low = 4 if bits >= 4 else 2
     per_word, mask, top = CHUNK // low, (1 << low) - 1, 1 if bits > low else 0
     for i in prange(rows.size):
