@@ -120,6 +120,12 @@ class GridLinear:
         """The product from R x (made by rotate, perhaps for another linear of the same rotation)."""
         return self._matmul(rx, self._weights)
 
+    @property
+    def level(self) -> Any:
+        """The level kernel's arrays (kernels.level_matmul.LevelCPU) when this matrix runs on it, else None:
+        the fused decode step (sagekit.model.decode_plan) reads them."""
+        return self._weights if self.kernel == "level" else None
+
     def rows(self, idx: np.ndarray) -> np.ndarray:
         """float32 rows of the stored W R^T (the embedding lookup of a packed head)."""
         from sagekit.kernels import cpu

@@ -1,0 +1,86 @@
+"""The fused CPU decode step (sagekit/kernels/decode_step.py, fed by sagekit/model/decode_plan.py) against the
+layer-by-layer forward pass it replaces at one token: tiny random models compressed to free-level grids, heads of
+16 and 64 dims, an intermediate size that leaves a partial 16-row block, one thread and two."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_config
+from typer.testing import CliRunner
+
+from sagekit.backend import get_backend
+from sagekit.cli import app
+from sagekit.io.synthetic import write_random_checkpoint
+from sagekit.kernels import cpu, decode_step
+from sagekit.model.linear import DenseLinear
+from sagekit.model.load import load_model
+
+pytestmark = pytest.mark.skipif(not cpu.AVX512, reason="the level kernel's decode needs AVX-512")
+
+
+def _compressed(tmp_path: Path, *args: str, **config) -> Path:
+    src = write_random_checkpoint(tmp_path / "src", tiny_config(**config), seed=5, std=0.05)
+    r = CliRunner().invoke(app, ["compress", str(src), str(tmp_path / "out"), "--device", "cpu", *args])
+    assert r.exit_code == 0, r.output
+    return tmp_path / "out"
+
+
+def _decode(model, tokens: np.ndarray, prompt: int) -> np.ndarray:
+    """Logits of each token after the prompt, fed one at a time."""
+    model.forward(tokens[:prompt])
+    return np.stack([model.forward(tokens[i:i + 1], i)[0] for i in range(prompt, len(tokens))])
+
+
+@pytest.mark.parametrize("config", [
+    {},  # head_dim 16: the scalar attention loops
+    dict(hidden_size=256, intermediate_size=200, num_attention_heads=4, num_key_value_heads=2),  # head_dim 64
+])
+@pytest.mark.parametrize("bits", ["2", "3", "5"])
+def test_the_fused_step_is_the_layer_by_layer_step(tmp_path, config, bits):
+    model = load_model(_compressed(tmp_path, "--bits", bits, **config), get_backend("cpu"), 64)
+    assert model.decode_plan is not None
+    tokens = np.arange(3, 40) % model.config.vocab_size
+    fused = _decode(model, tokens, 20)
+    model.decode_plan = None
+    ref = _decode(model, tokens, 20)
+    np.testing.assert_allclose(fused, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_one_thread_and_two_give_the_same_bits(tmp_path):
+    """The threads split rows and heads; no sum changes order, so the result does not depend on the split."""
+    model = load_model(_compressed(tmp_path, "--bits", "3"), get_backend("cpu"), 64)
+    plan, tokens = model.decode_plan, np.arange(5, 30) % model.config.vocab_size
+    runs = []
+    for n in (1, 2):
+        plan.threads = n
+        runs.append(_decode(model, tokens, 12))
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_a_layer_swapped_after_loading_runs_layer_by_layer(tmp_path):
+    model = load_model(_compressed(tmp_path, "--bits", "3"), get_backend("cpu"), 64)
+    tokens = np.arange(2, 12) % model.config.vocab_size
+    before = _decode(model, tokens, 5)
+    L = model.layers[1]
+    L.down = DenseLinear(np.zeros((L.down.out_features, L.down.in_features), dtype=np.float32))
+    assert not model.decode_plan.fits(model.layers)
+    after = _decode(model, tokens, 5)
+    model.decode_plan = None
+    np.testing.assert_array_equal(after, _decode(model, tokens, 5))
+    assert np.abs(after - before).max() > 1e-3
+
+
+@pytest.mark.parametrize("args", [("--bits", "3", "--levels", "symmetric"), ("--recipe", "vq")])
+def test_models_off_the_level_kernel_get_no_plan(tmp_path, args):
+    model = load_model(_compressed(tmp_path, *args), get_backend("cpu"), 64)
+    assert model.decode_plan is None
+
+
+def test_a_step_splits_over_the_pool_under_openmp():
+    import numba
+
+    n = decode_step.threads()
+    assert n == (numba.get_num_threads() if numba.threading_layer() == "omp" else 1)
