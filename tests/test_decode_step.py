@@ -1,6 +1,7 @@
 """The fused CPU decode step (sagekit/kernels/decode_step.py, fed by sagekit/model/decode_plan.py) against the
-layer-by-layer forward pass it replaces at one token: tiny random models compressed to free-level grids, heads of
-16 and 64 dims, an intermediate size that leaves a partial 16-row block, one thread and two."""
+layer-by-layer forward pass it replaces at one token: tiny random models compressed to free-level grids (level
+kernel) and to vq codebooks and 1-bit grids (codebook kernel), heads of 16 and 64 dims, an intermediate size that
+leaves a partial 16-row block, one thread and two."""
 
 from __future__ import annotations
 
@@ -38,10 +39,15 @@ def _decode(model, tokens: np.ndarray, prompt: int) -> np.ndarray:
     {},  # head_dim 16: the scalar attention loops
     dict(hidden_size=256, intermediate_size=200, num_attention_heads=4, num_key_value_heads=2),  # head_dim 64
 ])
-@pytest.mark.parametrize("bits", ["2", "3", "5"])
-def test_the_fused_step_is_the_layer_by_layer_step(tmp_path, config, bits):
-    model = load_model(_compressed(tmp_path, "--bits", bits, **config), get_backend("cpu"), 64)
+@pytest.mark.parametrize("args, kinds", [
+    (("--bits", "2"), {"level"}), (("--bits", "3"), {"level"}), (("--bits", "5"), {"level"}),
+    (("--bits", "1"), {"book"}),  # 1-bit grids: 8 codes a byte on the codebook kernel
+    (("--recipe", "vq"), {"book"}), (("--recipe", "vq", "--dim", "2"), {"book"}), (("--recipe", "vq", "--dim", "8"), {"book"}),
+])
+def test_the_fused_step_is_the_layer_by_layer_step(tmp_path, config, args, kinds):
+    model = load_model(_compressed(tmp_path, *args, **config), get_backend("cpu"), 64)
     assert model.decode_plan is not None
+    assert {lin.kernel for lin in model.decode_plan.linears} == kinds
     tokens = np.arange(3, 40) % model.config.vocab_size
     fused = _decode(model, tokens, 20)
     model.decode_plan = None
@@ -73,8 +79,8 @@ def test_a_layer_swapped_after_loading_runs_layer_by_layer(tmp_path):
     assert np.abs(after - before).max() > 1e-3
 
 
-@pytest.mark.parametrize("args", [("--bits", "3", "--levels", "symmetric"), ("--recipe", "vq")])
-def test_models_off_the_level_kernel_get_no_plan(tmp_path, args):
+@pytest.mark.parametrize("args", [("--bits", "3", "--levels", "symmetric"), ("--bits", "6"), ("--recipe", "paper")])
+def test_models_off_the_level_and_codebook_kernels_get_no_plan(tmp_path, args):
     model = load_model(_compressed(tmp_path, *args), get_backend("cpu"), 64)
     assert model.decode_plan is None
 

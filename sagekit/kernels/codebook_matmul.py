@@ -107,35 +107,40 @@ def prepare_codebook(p: PackedVQ | PackedGrid) -> CodebookCPU:
     return CodebookCPU(_run_major(codes), words_t, p.scale.astype(np.float32), p.shape, d)
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def table_run(x, b, codewords_t, d, row):
+    """row[c] = codewords[c] . x[b : b + D] for every codeword c: one run's table. One pass over the K entries
+    with all D terms at once, padded to 2, 4 or 8 (the rows past D weigh 0): a pass per term loads and stores
+    the entries D times, and eight terms for every D cost D = 4 twice its multiply-adds."""
+    k, zero = codewords_t.shape[1], np.float32(0)
+    x0, x1 = x[b], x[b + 1] if d > 1 else zero
+    if d <= 2:
+        for c in range(k):
+            row[c] = x0 * codewords_t[0, c] + x1 * codewords_t[1, c]
+        return
+    x2, x3 = x[b + 2], x[b + 3] if d > 3 else zero
+    if d <= 4:
+        for c in range(k):
+            row[c] = x0 * codewords_t[0, c] + x1 * codewords_t[1, c] + x2 * codewords_t[2, c] + x3 * codewords_t[3, c]
+        return
+    x4, x5 = x[b + 4], x[b + 5] if d > 5 else zero
+    x6, x7 = x[b + 6] if d > 6 else zero, x[b + 7] if d > 7 else zero
+    for c in range(k):
+        row[c] = (x0 * codewords_t[0, c] + x1 * codewords_t[1, c] + x2 * codewords_t[2, c]
+                  + x3 * codewords_t[3, c] + x4 * codewords_t[4, c] + x5 * codewords_t[5, c]
+                  + x6 * codewords_t[6, c] + x7 * codewords_t[7, c])
+
+
 @njit(cache=True, fastmath=True, parallel=True)
 def _tables(x: np.ndarray, codewords_t: np.ndarray, d: int) -> np.ndarray:
     """float32 (T, runs * K): [t, j K + c] = codewords[c] . x[t, jD : jD + D]; x (T, runs * D), codewords_t
-    as CodebookCPU's. One pass over each run's K entries with all D terms at once, padded
-    to 2, 4 or 8 terms (the rows past D weigh 0): a pass per term loads and stores the entries D times, and
-    eight terms for every D cost D = 4 twice its multiply-adds."""
+    as CodebookCPU's."""
     k = codewords_t.shape[1]
     n_tok, runs = x.shape[0], x.shape[1] // d
     out = np.empty((n_tok, runs * k), dtype=np.float32)
-    zero = np.float32(0)
     for tj in prange(n_tok * runs):
         t, j = tj // runs, tj % runs
-        b, row = j * d, out[t, j * k:(j + 1) * k]
-        x0, x1 = x[t, b], x[t, b + 1] if d > 1 else zero
-        if d <= 2:
-            for c in range(k):
-                row[c] = x0 * codewords_t[0, c] + x1 * codewords_t[1, c]
-            continue
-        x2, x3 = x[t, b + 2], x[t, b + 3] if d > 3 else zero
-        if d <= 4:
-            for c in range(k):
-                row[c] = x0 * codewords_t[0, c] + x1 * codewords_t[1, c] + x2 * codewords_t[2, c] + x3 * codewords_t[3, c]
-            continue
-        x4, x5 = x[t, b + 4], x[t, b + 5] if d > 5 else zero
-        x6, x7 = x[t, b + 6] if d > 6 else zero, x[t, b + 7] if d > 7 else zero
-        for c in range(k):
-            row[c] = (x0 * codewords_t[0, c] + x1 * codewords_t[1, c] + x2 * codewords_t[2, c]
-                      + x3 * codewords_t[3, c] + x4 * codewords_t[4, c] + x5 * codewords_t[5, c]
-                      + x6 * codewords_t[6, c] + x7 * codewords_t[7, c])
+        table_run(x[t], j * d, codewords_t, d, out[t, j * k:(j + 1) * k])
     return out
 
 

@@ -1,19 +1,23 @@
 """One token through every decoder layer in one Numba call, on all threads: the CPU decode step of a model
-whose linears all run on the level kernel (level_matmul.py).
+whose linears all run on the level kernel (level_matmul.py) or the codebook kernel (codebook_matmul.py).
 
 Why: at one token, the demo model's step is ~200 products of under 2M weights and ~600 small ops. Run from
 Python, each product ran on one thread (forking the pool per product cost as much as the product) and each call
-paid its Python dispatch. Here the threads fork once per step and split every product's 16-row blocks between
-them, meeting at a spinning barrier (barrier.py) where one needs the other's rows. The math is model/llama.py's
-`block`, in the same order: RMSNorm, R x, q|k|v, RoPE and the cache, attention, o, residual, RMSNorm, R x,
-gate|up, SiLU, R m, down, residual. Small vector work (norms, rotations) is done by every thread on its own copy,
-which costs less than a barrier's wait for one thread to do it.
+paid its Python dispatch. Here the threads fork once per step and split every product's 16-row blocks (and a
+codebook's table runs, and each rotation's rows) between them, meeting at a spinning barrier (barrier.py) where
+one needs the other's part. The math is model/llama.py's `block`, in the same order: RMSNorm, R x, q|k|v, RoPE
+and the cache, attention, o, residual, RMSNorm, R x, gate|up, SiLU, R m, down, residual. The norms are done by
+every thread on its own copy, which costs less than a barrier's wait for one thread to do them.
 
-Layout of what a step reads (built by sagekit.model.decode_plan), per layer l and matrix j of MATRICES, m = 7 l + j:
-  codes[m], tables[m], scales[m]: the matrix's LevelCPU codes (uint32 flat), level table, row scales;
-  meta[m] = (out, chunks, bits, a, b): the product's rows, its 32-column chunks, its code bits, and the Kronecker
-            rotation's factor sizes (a = 0: no rotation); lefts[m] (a, a) and rights[m] (b, b) float32 with
-            R x = left X right for x read row-major as X (a, b) (sagekit.format.rotation);
+Layout of what a step reads (built by sagekit.model.decode_plan), per layer l and matrix j of MATRICES,
+m = 7 l + j; w = (codes, tables, bcodes, words, scales, lefts, rights, meta):
+  meta[m] = (out, cols, bits, a, b, kind, k): the product's rows; kind LEVEL: its 32-column chunks and code bits,
+            kind BOOK: its runs, its run length D and its K = 256 codewords; the Kronecker rotation's factor sizes
+            (a = 0: no rotation), lefts[m] (a, a) and rights[m] (b, b) float32 with R x = left X right for x
+            read row-major as X (a, b) (sagekit.format.rotation);
+  codes[m], tables[m]: a LEVEL matrix's LevelCPU codes (uint32 flat) and level table; bcodes[m], words[m]: a BOOK
+            matrix's CodebookCPU codes (uint8 flat) and codewords_t; scales[m] the row scales. The other kind's
+            entries are placeholders;
   norms (L, 2, dim) float32: attention and MLP RMSNorm weights; cache_k, cache_v (L, KV, S_max, D) float32.
 """
 
@@ -24,12 +28,15 @@ import numpy as np
 from numba import njit, prange
 
 from sagekit.kernels.barrier import meet
+from sagekit.kernels.codebook_intrinsics import table_run_blocks
+from sagekit.kernels.codebook_matmul import table_run
 from sagekit.kernels.level_matmul import level_block16
 from sagekit.kernels.llvm_intrinsics import ROWS
 from sagekit.kernels.transformer_ops import attend_head, rmsnorm_row, rope_head, silu
 
 MATRICES = ("q", "k", "v", "o", "gate", "up", "down")  # a layer's products, in the order of meta's rows
 Q, K, V, O, GATE, UP, DOWN = range(7)
+LEVEL, BOOK = 0, 1  # meta's kinds
 
 
 @njit(parallel=True)
@@ -68,9 +75,9 @@ def _rows_times(w, m, out, i0, i1):
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _rotate(x, left, right, a, b, tmp, out, width, part, n_parts):
-    """This thread's share of out[:width] = R x: rows i of R x read as (a, b) are left[i] X right, so each thread
-    makes its rows alone; padding zeros from x.size on. a = 0: out = x."""
+def _rotate(x, left, right, a, b, tmp, out, part, n_parts):
+    """This thread's share of out = R x: rows i of R x read as (a, b) are left[i] X right, so each thread makes
+    its rows alone; zeros from x.size on (the products' padding). a = 0: out = x."""
     n = x.size
     if a == 0:
         i0, i1 = _share(n, part, n_parts)
@@ -81,7 +88,7 @@ def _rotate(x, left, right, a, b, tmp, out, width, part, n_parts):
         _rows_times(left, x.reshape(a, b), t, i0, i1)
         _rows_times(t, right, out[:n].reshape(a, b), i0, i1)
     if part == 0:
-        out[n:width] = 0
+        out[n:] = 0
 
 
 @njit(cache=True, fastmath=True, inline="always")
@@ -91,36 +98,88 @@ def _share(n_items, part, n_parts):
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _product(m, rx, y, codes, tables, scales, meta, part, n_parts):
-    """y[r] = scale[r] (levels[code[r]] . rx) for this thread's rows r of matrix m, 16-row blocks at a time;
-    y holds a whole number of blocks."""
+def _rotated(m, x, w, tmp, rx, part, n_parts):
+    """This thread's share of rx = R_m x (what _product reads)."""
+    _, _, _, _, _, lefts, rights, meta = w
+    _rotate(x, lefts[m], rights[m], meta[m, 3], meta[m, 4], tmp, rx, part, n_parts)
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _book_partial(m, rx, acc, tab, w, part, n_parts):
+    """acc[r] = sum over this thread's runs j of codebook matrix m of T_j[code of row r's run j], unscaled, every
+    row: each run's table T_j = codewords . rx[jD : jD + D] is made in `tab` (256 floats, in L1) and read at once
+    for all rows, its entries in registers. Split by runs, a thread reads only the tables it made: split by rows,
+    each read the other's tables across the cores, and two threads ran no faster than one."""
+    _, _, bcodes, words, _, _, _, meta = w
+    out, runs, d = meta[m, 0], meta[m, 1], meta[m, 2]
+    blocks = (out + ROWS - 1) // ROWS
+    acc[:blocks * ROWS] = 0
+    c, cw = bcodes[m], words[m]
+    j0, j1 = _share(runs, part, n_parts)
+    for run in range(j0, j1):
+        table_run(rx, run * d, cw, d, tab)
+        table_run_blocks(acc, tab, 0, c, run * blocks * ROWS, ROWS, blocks)
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _product(m, rx, y, partials, w, part, n_parts):
+    """y[r] = scale[r] (W_hat[r] . rx) for this thread's rows r of matrix m, in 16-row blocks; y holds a whole
+    number of blocks. LEVEL: a lookup per weight; BOOK: the threads' partial sums (_book_partial) added."""
+    codes, tables, _, _, scales, _, _, meta = w
     out, chunks, bits = meta[m, 0], meta[m, 1], meta[m, 2]
-    c, table, scale = codes[m], tables[m], scales[m]
     b0, b1 = _share((out + ROWS - 1) // ROWS, part, n_parts)
-    for blk in range(b0, b1):
-        r0 = blk * ROWS
-        y[r0:r0 + ROWS] = 0
-        level_block16(y, r0, c, blk * chunks * bits * ROWS, chunks, table, rx, np.int64(0), bits)
-        for r in range(r0, min(out, r0 + ROWS)):
-            y[r] *= scale[r]
+    r0, r1 = b0 * ROWS, min(out, b1 * ROWS)
+    if meta[m, 5] == LEVEL:  # the list lookups stay out of the loop: each one counts a reference
+        c, table = codes[m], tables[m]
+        y[r0:b1 * ROWS] = 0
+        for blk in range(b0, b1):
+            level_block16(y, blk * ROWS, c, blk * chunks * bits * ROWS, chunks, table, rx, np.int64(0), bits)
+    else:
+        y[r0:r1] = partials[0, r0:r1]
+        for t in range(1, n_parts):
+            y[r0:r1] += partials[t, r0:r1]
+    scale = scales[m]
+    for r in range(r0, r1):
+        y[r] *= scale[r]
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _share_rows(out, part, n_parts):
+    """The rows of an out-row product that _product gives this thread (whole 16-row blocks)."""
+    b0, b1 = _share((out + ROWS - 1) // ROWS, part, n_parts)
     return b0 * ROWS, min(out, b1 * ROWS)
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _rotated(m, x, meta, lefts, rights, tmp, rx, part, n_parts):
-    """This thread's share of rx = R_m x, padded to matrix m's chunks (what _product reads)."""
-    _rotate(x, lefts[m], rights[m], meta[m, 3], meta[m, 4], tmp, rx, meta[m, 1] * 32, part, n_parts)
+def _products_of(x, m, first, last, w, tmp, rx, ys, partials, tab, counter, phase, part, n_parts):
+    """This thread's rows of matrices m + first .. m + last (sharing their input and its rotation) times x, into
+    ys[first..last]; the threads meet after the rotation and after the codebook partial sums (if any), not after
+    the products. partials (threads, 7, pad): those sums; tab: this thread's table. Returns the phase reached."""
+    meta = w[7]
+    _rotated(m + first, x, w, tmp, rx, part, n_parts)
+    phase = meet(counter, n_parts, phase)
+    books = 0
+    for j in range(first, last + 1):
+        if meta[m + j, 5] == BOOK:
+            _book_partial(m + j, rx, partials[part, j], tab, w, part, n_parts)
+            books += 1
+    if books:
+        phase = meet(counter, n_parts, phase)
+    for j in range(first, last + 1):
+        _product(m + j, rx, ys[j], partials[:, j], w, part, n_parts)
+    return phase
 
 
 @njit(cache=True, fastmath=True, parallel=True)
-def decode_layers(h, codes, tables, scales, meta, lefts, rights, norms, eps, cache_k, cache_v, cos, sin, start,
-                  n_heads, n_threads):
+def decode_layers(h, w, norms, eps, cache_k, cache_v, cos, sin, start, n_heads, n_threads):
     """The residual stream (dim,) float32 after every layer, for one token at position `start`, whose keys and
-    values it writes into the cache. n_threads: threads to split over (see threads())."""
+    values it writes into the cache. w: the matrices (module docstring); n_threads: see threads()."""
+    meta = w[7]
     n_layers, n_kv, _, d = cache_k.shape
     dim, inter, rep = h.size, meta[GATE, 0], n_heads // n_kv
     pad = ROWS * ((max(dim, inter, n_heads * d, n_kv * d) + ROWS - 1) // ROWS) + 32 * ROWS
     ys = np.zeros((7, pad), dtype=np.float32)  # each product's output, shared by the threads
+    partials = np.zeros((n_threads, 7, pad), dtype=np.float32)  # each thread's codebook sums, all rows
     q = np.empty((n_heads, d), dtype=np.float32)
     att, mid = np.zeros((n_heads, d), dtype=np.float32), np.zeros(inter, dtype=np.float32)
     rx = np.empty(pad, dtype=np.float32)  # R x, what the products read
@@ -128,16 +187,13 @@ def decode_layers(h, codes, tables, scales, meta, lefts, rights, norms, eps, cac
     scale = np.float32(1.0 / np.sqrt(d))
     for part in prange(n_threads):
         x, tmp = np.empty(dim, dtype=np.float32), np.empty(pad, dtype=np.float32)
-        p = np.empty(start + 1, dtype=np.float32)
-        kr = np.empty(d, dtype=np.float32)
+        p, kr = np.empty(start + 1, dtype=np.float32), np.empty(d, dtype=np.float32)
+        tab = np.empty(256, dtype=np.float32)
         phase = 1
         for layer in range(n_layers):
             m = 7 * layer
             rmsnorm_row(h, norms[layer, 0], eps, x)
-            _rotated(m + Q, x, meta, lefts, rights, tmp, rx, part, n_threads)
-            phase = meet(counter, n_threads, phase)
-            for j in (Q, K, V):
-                _product(m + j, rx, ys[j], codes, tables, scales, meta, part, n_threads)
+            phase = _products_of(x, m, Q, V, w, tmp, rx, ys, partials, tab, counter, phase, part, n_threads)
             phase = meet(counter, n_threads, phase)
             k0, k1 = _share(n_kv, part, n_threads)
             for g in range(k0, k1):  # this thread's KV heads into the cache
@@ -152,22 +208,18 @@ def decode_layers(h, codes, tables, scales, meta, lefts, rights, norms, eps, cac
             for i in range(h0, h1):
                 attend_head(q, i, cache_k[layer, i // rep], cache_v[layer, i // rep], start + 1, p, att[i])
             phase = meet(counter, n_threads, phase)
-            _rotated(m + O, att.reshape(-1), meta, lefts, rights, tmp, rx, part, n_threads)
-            phase = meet(counter, n_threads, phase)
-            r0, r1 = _product(m + O, rx, ys[O], codes, tables, scales, meta, part, n_threads)
+            phase = _products_of(att.reshape(-1), m, O, O, w, tmp, rx, ys, partials, tab, counter, phase, part, n_threads)
+            r0, r1 = _share_rows(dim, part, n_threads)
             h[r0:r1] += ys[O, r0:r1]
             phase = meet(counter, n_threads, phase)
             rmsnorm_row(h, norms[layer, 1], eps, x)
-            _rotated(m + GATE, x, meta, lefts, rights, tmp, rx, part, n_threads)
-            phase = meet(counter, n_threads, phase)
-            _product(m + GATE, rx, ys[GATE], codes, tables, scales, meta, part, n_threads)
-            r0, r1 = _product(m + UP, rx, ys[UP], codes, tables, scales, meta, part, n_threads)
+            phase = _products_of(x, m, GATE, UP, w, tmp, rx, ys, partials, tab, counter, phase, part, n_threads)
+            r0, r1 = _share_rows(inter, part, n_threads)
             for r in range(r0, r1):
                 mid[r] = silu(ys[GATE, r]) * ys[UP, r]
             phase = meet(counter, n_threads, phase)
-            _rotated(m + DOWN, mid, meta, lefts, rights, tmp, rx, part, n_threads)
-            phase = meet(counter, n_threads, phase)
-            r0, r1 = _product(m + DOWN, rx, ys[DOWN], codes, tables, scales, meta, part, n_threads)
+            phase = _products_of(mid, m, DOWN, DOWN, w, tmp, rx, ys, partials, tab, counter, phase, part, n_threads)
+            r0, r1 = _share_rows(dim, part, n_threads)
             h[r0:r1] += ys[DOWN, r0:r1]
             phase = meet(counter, n_threads, phase)
     return h

@@ -121,10 +121,10 @@ class GridLinear:
         return self._matmul(rx, self._weights)
 
     @property
-    def level(self) -> Any:
-        """The level kernel's arrays (kernels.level_matmul.LevelCPU) when this matrix runs on it, else None:
-        the fused decode step (sagekit.model.decode_plan) reads them."""
-        return self._weights if self.kernel == "level" else None
+    def cpu_arrays(self) -> Any:
+        """The CPU kernel's arrays (a LevelCPU or CodebookCPU) when this matrix runs on the level or codebook
+        kernel, else None: the fused decode step (sagekit.model.decode_plan) reads them."""
+        return self._weights if self.kernel in ("level", "book") else None
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
         """float32 rows of the stored W R^T (the embedding lookup of a packed head)."""
