@@ -68,7 +68,7 @@ class DecodePlan:
         """The residual stream (1, dim) after every layer for one token at `start`, filling the cache."""
         c = self.config
         out = decode_step.decode_layers(
-            np.array(h[0], dtype=np.float32), self.w, self.norms, np.float32(c.norm_eps), state.cache_k,
+            np.array(h[0], dtype=np.float32), *self.w, self.norms, np.float32(c.norm_eps), state.cache_k,
             state.cache_v, state.cos[start], state.sin[start], start, c.n_heads, self.threads)
         return out[None]
 
