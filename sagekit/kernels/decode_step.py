@@ -28,10 +28,10 @@ import numpy as np
 from numba import njit, prange
 
 from sagekit.kernels.barrier import meet
-from sagekit.kernels.codebook_intrinsics import table_run_blocks
+from sagekit.kernels.codebook_intrinsics import table_run_blocks, table_run_blocks_bf16
 from sagekit.kernels.codebook_matmul import table_run
 from sagekit.kernels.level_matmul import level_block16
-from sagekit.kernels.llvm_intrinsics import ROWS
+from sagekit.kernels.llvm_intrinsics import AVX512_BF16, ROWS
 from sagekit.kernels.transformer_ops import attend_head, rmsnorm_row, rope_head, silu
 
 MATRICES = ("q", "k", "v", "o", "gate", "up", "down")  # a layer's products, in the order of meta's rows
@@ -105,11 +105,21 @@ def _rotated(m, x, w, tmp, rx, part, n_parts):
 
 
 @njit(cache=True, fastmath=True, inline="always")
+def _run_lookup_f32(acc, tab, codes, c0, blocks):
+    """table_run_blocks_bf16 without the rounding, for AVX-512 CPUs without BF16."""
+    table_run_blocks(acc, tab, 0, codes, c0, ROWS, blocks)
+
+
+_run_lookup = table_run_blocks_bf16 if AVX512_BF16 else _run_lookup_f32
+
+
+@njit(cache=True, fastmath=True, inline="always")
 def _book_partial(m, rx, acc, tab, w, part, n_parts):
     """acc[r] = sum over this thread's runs j of codebook matrix m of T_j[code of row r's run j], unscaled, every
     row: each run's table T_j = codewords . rx[jD : jD + D] is made in `tab` (256 floats, in L1) and read at once
-    for all rows, its entries in registers. Split by runs, a thread reads only the tables it made: split by rows,
-    each read the other's tables across the cores, and two threads ran no faster than one."""
+    for all rows, rounded to bfloat16 in registers where the CPU has AVX-512 BF16 (table_run_blocks_bf16: half
+    the permutes of float32 entries). Split by runs, a thread reads only the tables it made: split by rows, each read
+    the other's tables across the cores, and two threads ran no faster than one."""
     _, _, bcodes, words, _, _, _, meta = w
     out, runs, d = meta[m, 0], meta[m, 1], meta[m, 2]
     blocks = (out + ROWS - 1) // ROWS
@@ -118,7 +128,7 @@ def _book_partial(m, rx, acc, tab, w, part, n_parts):
     j0, j1 = _share(runs, part, n_parts)
     for run in range(j0, j1):
         table_run(rx, run * d, cw, d, tab)
-        table_run_blocks(acc, tab, 0, c, run * blocks * ROWS, ROWS, blocks)
+        _run_lookup(acc, tab, c, run * blocks * ROWS, blocks)
 
 
 @njit(cache=True, fastmath=True, inline="always")
