@@ -10,14 +10,16 @@ and the cache, attention, o, residual, RMSNorm, R x, gate|up, SiLU, R m, down, r
 every thread on its own copy, which costs less than a barrier's wait for one thread to do them.
 
 Layout of what a step reads (built by sagekit.model.decode_plan), per layer l and matrix j of MATRICES,
-m = 7 l + j; w = (codes, tables, bcodes, words, scales, lefts, rights, meta):
-  meta[m] = (out, cols, bits, a, b, kind, k): the product's rows; kind LEVEL: its 32-column chunks and code bits,
-            kind BOOK: its runs, its run length D and its K = 256 codewords; the Kronecker rotation's factor sizes
-            (a = 0: no rotation), lefts[m] (a, a) and rights[m] (b, b) float32 with R x = left X right for x
-            read row-major as X (a, b) (sagekit.format.rotation);
-  codes[m], tables[m]: a LEVEL matrix's LevelCPU codes (uint32 flat) and level table; bcodes[m], words[m]: a BOOK
-            matrix's CodebookCPU codes (uint8 flat) and codewords_t; scales[m] the row scales. The other kind's
-            entries are placeholders;
+m = 7 l + j, in two int64 tables:
+  meta[m] = (out, cols, bits, a, b, kind, k, n_codes, n_table): the product's rows; kind LEVEL: its 32-column
+            chunks and code bits, kind BOOK: its runs, its run length D and its k = 256 codewords; the Kronecker
+            rotation's factor sizes (a = 0: no rotation); the sizes of its codes and of its level table (LEVEL) or
+            the rows of its codewords_t (BOOK);
+  at[m] = addresses of (codes, table, scale, left, right): a LevelCPU's uint32 codes and float32 level table or
+            a CodebookCPU's uint8 codes and float32 codewords_t (n_table, k); the float32 row scales; the rotation
+            factors, left (a, a) and right (b, b), with R x = left X right for x read row-major as X (a, b)
+            (sagekit.format.rotation). Addresses, not typed lists of the arrays: building those lists compiled
+            Numba's list code at every load, 2.8 s and 75 MiB. The plan keeps the arrays alive;
   norms (L, 2, dim) float32: attention and MLP RMSNorm weights; cache_k, cache_v (L, KV, S_max, D) float32.
 """
 
@@ -25,7 +27,8 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange, types
+from numba.extending import intrinsic
 
 from sagekit.kernels.barrier import meet
 from sagekit.kernels.codebook_intrinsics import table_run_blocks, table_run_blocks_bf16
@@ -39,7 +42,7 @@ Q, K, V, O, GATE, UP, DOWN = range(7)
 LEVEL, BOOK = 0, 1  # meta's kinds
 
 
-@njit(parallel=True)
+@njit(cache=True, parallel=True)
 def _start_pool(n):
     total = 0
     for i in prange(n):
@@ -74,7 +77,7 @@ def _rows_times(w, m, out, i0, i1):
                 o[j] += wk * mk[j]
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, fastmath=True)
 def _rotate(x, left, right, a, b, tmp, out, part, n_parts):
     """This thread's share of out = R x: rows i of R x read as (a, b) are left[i] X right, so each thread makes
     its rows alone; zeros from x.size on (the products' padding). a = 0: out = x."""
@@ -97,11 +100,29 @@ def _share(n_items, part, n_parts):
     return n_items * part // n_parts, n_items * (part + 1) // n_parts
 
 
+def _pointer_to(dtype):
+    """An intrinsic making an int64 address a pointer to `dtype`, for numba.carray."""
+
+    @intrinsic
+    def pointer(typingctx, address):
+        if address != types.int64:
+            return None
+        sig = types.CPointer(dtype)(address)
+        return sig, lambda context, builder, sig, args: builder.inttoptr(args[0], context.get_value_type(
+            sig.return_type))
+
+    return pointer
+
+
+_u32_at, _u8_at, _f32_at = _pointer_to(types.uint32), _pointer_to(types.uint8), _pointer_to(types.float32)
+
+
 @njit(cache=True, fastmath=True, inline="always")
-def _rotated(m, x, w, tmp, rx, part, n_parts):
+def _rotated(m, x, meta, at, tmp, rx, part, n_parts):
     """This thread's share of rx = R_m x (what _product reads)."""
-    _, _, _, _, _, lefts, rights, meta = w
-    _rotate(x, lefts[m], rights[m], meta[m, 3], meta[m, 4], tmp, rx, part, n_parts)
+    a, b = meta[m, 3], meta[m, 4]
+    left, right = carray(_f32_at(at[m, 3]), (a, a)), carray(_f32_at(at[m, 4]), (b, b))
+    _rotate(x, left, right, a, b, tmp, rx, part, n_parts)
 
 
 @njit(cache=True, fastmath=True, inline="always")
@@ -113,34 +134,32 @@ def _run_lookup_f32(acc, tab, codes, c0, blocks):
 _run_lookup = table_run_blocks_bf16 if AVX512_BF16 else _run_lookup_f32
 
 
-@njit(cache=True, fastmath=True, inline="always")
-def _book_partial(m, rx, acc, tab, w, part, n_parts):
+@njit(cache=True, fastmath=True)
+def _book_partial(m, rx, acc, tab, meta, at, part, n_parts):
     """acc[r] = sum over this thread's runs j of codebook matrix m of T_j[code of row r's run j], unscaled, every
     row: each run's table T_j = codewords . rx[jD : jD + D] is made in `tab` (256 floats, in L1) and read at once
     for all rows, rounded to bfloat16 in registers where the CPU has AVX-512 BF16 (table_run_blocks_bf16: half
     the permutes of float32 entries). Split by runs, a thread reads only the tables it made: split by rows, each read
     the other's tables across the cores, and two threads ran no faster than one."""
-    _, _, bcodes, words, _, _, _, meta = w
     out, runs, d = meta[m, 0], meta[m, 1], meta[m, 2]
     blocks = (out + ROWS - 1) // ROWS
     acc[:blocks * ROWS] = 0
-    c, cw = bcodes[m], words[m]
+    c, cw = carray(_u8_at(at[m, 0]), meta[m, 7]), carray(_f32_at(at[m, 1]), (meta[m, 8], meta[m, 6]))
     j0, j1 = _share(runs, part, n_parts)
     for run in range(j0, j1):
         table_run(rx, run * d, cw, d, tab)
         _run_lookup(acc, tab, c, run * blocks * ROWS, blocks)
 
 
-@njit(cache=True, fastmath=True, inline="always")
-def _product(m, rx, y, partials, w, part, n_parts):
+@njit(cache=True, fastmath=True)
+def _product(m, rx, y, partials, meta, at, part, n_parts):
     """y[r] = scale[r] (W_hat[r] . rx) for this thread's rows r of matrix m, in 16-row blocks; y holds a whole
     number of blocks. LEVEL: a lookup per weight; BOOK: the threads' partial sums (_book_partial) added."""
-    codes, tables, _, _, scales, _, _, meta = w
     out, chunks, bits = meta[m, 0], meta[m, 1], meta[m, 2]
     b0, b1 = _share((out + ROWS - 1) // ROWS, part, n_parts)
     r0, r1 = b0 * ROWS, min(out, b1 * ROWS)
-    if meta[m, 5] == LEVEL:  # the list lookups stay out of the loop: each one counts a reference
-        c, table = codes[m], tables[m]
+    if meta[m, 5] == LEVEL:
+        c, table = carray(_u32_at(at[m, 0]), meta[m, 7]), carray(_f32_at(at[m, 1]), meta[m, 8])
         y[r0:b1 * ROWS] = 0
         for blk in range(b0, b1):
             level_block16(y, blk * ROWS, c, blk * chunks * bits * ROWS, chunks, table, rx, np.int64(0), bits)
@@ -148,7 +167,7 @@ def _product(m, rx, y, partials, w, part, n_parts):
         y[r0:r1] = partials[0, r0:r1]
         for t in range(1, n_parts):
             y[r0:r1] += partials[t, r0:r1]
-    scale = scales[m]
+    scale = carray(_f32_at(at[m, 2]), out)
     for r in range(r0, r1):
         y[r] *= scale[r]
 
@@ -160,33 +179,29 @@ def _share_rows(out, part, n_parts):
     return b0 * ROWS, min(out, b1 * ROWS)
 
 
-@njit(cache=True, fastmath=True, inline="always")
-def _products_of(x, m, first, last, w, tmp, rx, ys, partials, tab, counter, phase, part, n_parts):
+@njit(cache=True, fastmath=True)
+def _products_of(x, m, first, last, meta, at, tmp, rx, ys, partials, tab, counter, phase, part, n_parts):
     """This thread's rows of matrices m + first .. m + last (sharing their input and its rotation) times x, into
     ys[first..last]; the threads meet after the rotation and after the codebook partial sums (if any), not after
     the products. partials (threads, 7, pad): those sums; tab: this thread's table. Returns the phase reached."""
-    meta = w[7]
-    _rotated(m + first, x, w, tmp, rx, part, n_parts)
+    _rotated(m + first, x, meta, at, tmp, rx, part, n_parts)
     phase = meet(counter, n_parts, phase)
     books = 0
     for j in range(first, last + 1):
         if meta[m + j, 5] == BOOK:
-            _book_partial(m + j, rx, partials[part, j], tab, w, part, n_parts)
+            _book_partial(m + j, rx, partials[part, j], tab, meta, at, part, n_parts)
             books += 1
     if books:
         phase = meet(counter, n_parts, phase)
     for j in range(first, last + 1):
-        _product(m + j, rx, ys[j], partials[:, j], w, part, n_parts)
+        _product(m + j, rx, ys[j], partials[:, j], meta, at, part, n_parts)
     return phase
 
 
 @njit(cache=True, fastmath=True, parallel=True)
-def decode_layers(h, codes, tables, bcodes, words, scales, lefts, rights, meta, norms, eps, cache_k, cache_v, cos,
-                  sin, start, n_heads, n_threads):
+def decode_layers(h, meta, at, norms, eps, cache_k, cache_v, cos, sin, start, n_heads, n_threads):
     """The residual stream (dim,) float32 after every layer, for one token at position `start`, whose keys and
-    values it writes into the cache. codes .. meta: the matrices (module docstring), given one by one: Numba
-    took 116 us to read the types of a tuple of typed lists at each call, 2 us a list; n_threads: see threads()."""
-    w = (codes, tables, bcodes, words, scales, lefts, rights, meta)
+    values it writes into the cache. meta, at: the matrices (module docstring); n_threads: see threads()."""
     n_layers, n_kv, _, d = cache_k.shape
     dim, inter, rep = h.size, meta[GATE, 0], n_heads // n_kv
     pad = ROWS * ((max(dim, inter, n_heads * d, n_kv * d) + ROWS - 1) // ROWS) + 32 * ROWS
@@ -197,6 +212,8 @@ def decode_layers(h, codes, tables, bcodes, words, scales, lefts, rights, meta, 
     rx = np.empty(pad, dtype=np.float32)  # R x, what the products read
     counter = np.zeros(1, dtype=np.int64)
     scale = np.float32(1.0 / np.sqrt(d))
+    # the products that share an input, as run-time values: constants would compile _products_of once per value
+    first, last = np.array([Q, O, GATE, DOWN]), np.array([V, O, UP, DOWN])
     for part in prange(n_threads):
         x, tmp = np.empty(dim, dtype=np.float32), np.empty(pad, dtype=np.float32)
         p, kr = np.empty(start + 1, dtype=np.float32), np.empty(d, dtype=np.float32)
@@ -205,7 +222,7 @@ def decode_layers(h, codes, tables, bcodes, words, scales, lefts, rights, meta, 
         for layer in range(n_layers):
             m = 7 * layer
             rmsnorm_row(h, norms[layer, 0], eps, x)
-            phase = _products_of(x, m, Q, V, w, tmp, rx, ys, partials, tab, counter, phase, part, n_threads)
+            phase = _products_of(x, m, first[0], last[0], meta, at, tmp, rx, ys, partials, tab, counter, phase, part, n_threads)
             phase = meet(counter, n_threads, phase)
             k0, k1 = _share(n_kv, part, n_threads)
             for g in range(k0, k1):  # this thread's KV heads into the cache
@@ -220,17 +237,17 @@ def decode_layers(h, codes, tables, bcodes, words, scales, lefts, rights, meta, 
             for i in range(h0, h1):
                 attend_head(q, i, cache_k[layer, i // rep], cache_v[layer, i // rep], start + 1, p, att[i])
             phase = meet(counter, n_threads, phase)
-            phase = _products_of(att.reshape(-1), m, O, O, w, tmp, rx, ys, partials, tab, counter, phase, part, n_threads)
+            phase = _products_of(att.reshape(-1), m, first[1], last[1], meta, at, tmp, rx, ys, partials, tab, counter, phase, part, n_threads)
             r0, r1 = _share_rows(dim, part, n_threads)
             h[r0:r1] += ys[O, r0:r1]
             phase = meet(counter, n_threads, phase)
             rmsnorm_row(h, norms[layer, 1], eps, x)
-            phase = _products_of(x, m, GATE, UP, w, tmp, rx, ys, partials, tab, counter, phase, part, n_threads)
+            phase = _products_of(x, m, first[2], last[2], meta, at, tmp, rx, ys, partials, tab, counter, phase, part, n_threads)
             r0, r1 = _share_rows(inter, part, n_threads)
             for r in range(r0, r1):
                 mid[r] = silu(ys[GATE, r]) * ys[UP, r]
             phase = meet(counter, n_threads, phase)
-            phase = _products_of(mid, m, DOWN, DOWN, w, tmp, rx, ys, partials, tab, counter, phase, part, n_threads)
+            phase = _products_of(mid, m, first[3], last[3], meta, at, tmp, rx, ys, partials, tab, counter, phase, part, n_threads)
             r0, r1 = _share_rows(dim, part, n_threads)
             h[r0:r1] += ys[DOWN, r0:r1]
             phase = meet(counter, n_threads, phase)

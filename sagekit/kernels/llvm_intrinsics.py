@@ -33,7 +33,7 @@ def _use_avx512() -> bool:
 
 AVX512 = _use_avx512()
 # bfloat16 conversion (the fused decode step's codebook tables, codebook_intrinsics.table_run_blocks_bf16)
-AVX512_BF16 = AVX512 and "+avx512bf16" in (numba.config.CPU_FEATURES if numba.config.CPU_NAME
+AVX512_BF16 = AVX512 and "+avx512bf16" in ((numba.config.CPU_FEATURES or "") if numba.config.CPU_NAME
                                            else llvm_binding.get_host_cpu_features().flatten())
 _F16 = ir.VectorType(ir.FloatType(), ROWS)
 _I16 = ir.VectorType(ir.IntType(32), ROWS)

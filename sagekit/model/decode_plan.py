@@ -1,5 +1,5 @@
-"""The fused CPU decode step (sagekit.kernels.decode_step) fed from a model's layers: the kernel arrays of
-every linear gathered, by reference, into the lists the step reads.
+"""The fused CPU decode step (sagekit.kernels.decode_step) fed from a model's layers: the sizes and addresses
+of every linear's kernel arrays, gathered into the two tables the step reads (the arrays are not copied).
 
 A model gets a plan on an AVX-512 CPU (float32 activations) when every linear of every layer runs on the level
 kernel (free-level grids of 2-5 bits) or the codebook kernel with 256 codewords (vq, 1-bit grids), and the linears that
@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba.typed import List
 
 from sagekit.format import rotation
 from sagekit.format.config import LlamaConfig
@@ -21,9 +20,7 @@ from sagekit.kernels.codebook_matmul import CodebookCPU
 from sagekit.kernels.level_matmul import LevelCPU
 from sagekit.model.linear import GridLinear
 
-# placeholders for the lists of the kind a matrix is not, and for a product without a rotation
-_NONE = _WORDS = np.zeros((1, 1), dtype=np.float32)
-_BYTES, _WORDS32, _ONE = np.zeros(1, dtype=np.uint8), np.zeros(1, dtype=np.uint32), np.zeros(1, dtype=np.float32)
+_NONE = np.zeros((1, 1), dtype=np.float32)  # the factors of a product without a rotation
 
 
 def _factors(n: int, seed: int | None) -> tuple[np.ndarray, np.ndarray, int, int]:
@@ -34,28 +31,37 @@ def _factors(n: int, seed: int | None) -> tuple[np.ndarray, np.ndarray, int, int
     return a.astype(np.float32), np.ascontiguousarray(b.T, dtype=np.float32), len(a), len(b)
 
 
+def _address(a: np.ndarray) -> int:
+    """Where a C-contiguous array's data starts (decode_step reads it there)."""
+    if not a.flags.c_contiguous:
+        raise ValueError("the decode step reads C-contiguous arrays only")
+    return int(a.ctypes.data)
+
+
 class DecodePlan:
-    """What decode_step.decode_layers reads (its `w` and norms), and the linears it was gathered from."""
+    """What decode_step.decode_layers reads (meta, addresses, norms) and the linears and rotation factors it
+    points into, which it keeps alive."""
 
     def __init__(self, layers: list[Any], config: LlamaConfig):
         self.config = config
         self.linears = [getattr(L, name) for L in layers for name in decode_step.MATRICES]
-        lists = [List() for _ in range(7)]  # codes, tables, bcodes, words, scales, lefts, rights
-        meta, factors = [], {}
+        meta, at, self.factors = [], [], {}
         for lin in self.linears:
             w = lin.cpu_arrays
             key = (lin.in_features, lin.rotation_seed)
-            left, right, a, b = factors[key] if key in factors else factors.setdefault(key, _factors(*key))
+            if key not in self.factors:
+                self.factors[key] = _factors(*key)
+            left, right, a, b = self.factors[key]
             if isinstance(w, LevelCPU):
-                row = (lin.out_features, w.chunks, w.bits, a, b, decode_step.LEVEL, 0)
-                arrays = (w.codes, w.table, _BYTES, _WORDS)
+                meta.append((lin.out_features, w.chunks, w.bits, a, b, decode_step.LEVEL, 0, w.codes.size,
+                             w.table.size))
+                table = w.table
             else:
-                row = (lin.out_features, w.runs, w.dim, a, b, decode_step.BOOK, w.codewords_t.shape[1])
-                arrays = (_WORDS32, _ONE, w.codes, w.codewords_t)
-            for lst, arr in zip(lists, (*arrays, w.scale, left, right), strict=True):
-                lst.append(arr)
-            meta.append(row)
-        self.w = (*lists, np.asarray(meta, dtype=np.int64))
+                terms, k = w.codewords_t.shape
+                meta.append((lin.out_features, w.runs, w.dim, a, b, decode_step.BOOK, k, w.codes.size, terms))
+                table = w.codewords_t
+            at.append([_address(arr) for arr in (w.codes, table, w.scale, left, right)])
+        self.meta, self.at = np.asarray(meta, dtype=np.int64), np.asarray(at, dtype=np.int64)
         self.norms = np.stack([np.stack([L.attn_norm, L.ffn_norm]) for L in layers]).astype(np.float32)
         self.threads = decode_step.threads()
 
@@ -68,7 +74,7 @@ class DecodePlan:
         """The residual stream (1, dim) after every layer for one token at `start`, filling the cache."""
         c = self.config
         out = decode_step.decode_layers(
-            np.array(h[0], dtype=np.float32), *self.w, self.norms, np.float32(c.norm_eps), state.cache_k,
+            np.array(h[0], dtype=np.float32), self.meta, self.at, self.norms, np.float32(c.norm_eps), state.cache_k,
             state.cache_v, state.cos[start], state.sin[start], start, c.n_heads, self.threads)
         return out[None]
 
