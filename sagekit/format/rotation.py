@@ -48,15 +48,16 @@ def matrix(n: int, seed: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=256)
-def _factors_as(n: int, seed: int, dtype: np.dtype, inverse: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(left, right) with R x = left X right (or R^T x when inverse), in the activations' dtype."""
+def factors_as(n: int, seed: int, dtype: np.dtype, inverse: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(left, right), C-contiguous, with R x = left X right (or R^T x when inverse), in the activations' dtype:
+    what rotate applies, and what the fused decode step (sagekit.kernels.decode_step) reads."""
     a, b = factors(n, seed)
     left, right = (a.T, b) if inverse else (a, b.T)
     return np.ascontiguousarray(left, dtype=dtype), np.ascontiguousarray(right, dtype=dtype)
 
 
 def _apply(x: np.ndarray, seed: int, inverse: bool) -> np.ndarray:
-    left, right = _factors_as(x.shape[-1], seed, x.dtype, inverse)
+    left, right = factors_as(x.shape[-1], seed, x.dtype, inverse)
     xm = x.reshape(*x.shape[:-1], left.shape[0], right.shape[0])
     return np.matmul(np.matmul(left, xm), right).reshape(x.shape)
 

@@ -18,6 +18,12 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 
+def _counter_args(counter, i, value) -> bool:
+    """Whether an intrinsic's arguments are an int64 array, an int64 index and an int64 value."""
+    return (isinstance(counter, types.Array) and counter.dtype == types.int64 and i == types.int64
+            and value == types.int64)
+
+
 def _slot(context, builder, sig, args):
     """A pointer to counter[i]."""
     data = context.make_array(sig.args[0])(context, builder, args[0]).data
@@ -27,8 +33,7 @@ def _slot(context, builder, sig, args):
 @intrinsic
 def atomic_add(typingctx, counter, i, value):
     """counter[i] += value as one atomic read-modify-write; returns the value before. counter: int64 array."""
-    if not (isinstance(counter, types.Array) and counter.dtype == types.int64 and i == types.int64
-            and value == types.int64):
+    if not _counter_args(counter, i, value):
         return None
 
     def codegen(context, builder, sig, args):
@@ -40,8 +45,7 @@ def atomic_add(typingctx, counter, i, value):
 @intrinsic
 def spin_until(typingctx, counter, i, target):
     """Wait, spinning with `pause`, until the atomic load of counter[i] reaches target."""
-    if not (isinstance(counter, types.Array) and counter.dtype == types.int64 and i == types.int64
-            and target == types.int64):
+    if not _counter_args(counter, i, target):
         return None
 
     def codegen(context, builder, sig, args):

@@ -151,13 +151,20 @@ def _book_partial(m, rx, acc, tab, meta, at, part, n_parts):
         _run_lookup(acc, tab, c, run * blocks * ROWS, blocks)
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def _share_rows(out, part, n_parts):
+    """The rows of an out-row product that _product gives this thread (whole 16-row blocks)."""
+    b0, b1 = _share((out + ROWS - 1) // ROWS, part, n_parts)
+    return b0 * ROWS, min(out, b1 * ROWS)
+
+
 @njit(cache=True, fastmath=True)
 def _product(m, rx, y, partials, meta, at, part, n_parts):
     """y[r] = scale[r] (W_hat[r] . rx) for this thread's rows r of matrix m, in 16-row blocks; y holds a whole
     number of blocks. LEVEL: a lookup per weight; BOOK: the threads' partial sums (_book_partial) added."""
     out, chunks, bits = meta[m, 0], meta[m, 1], meta[m, 2]
-    b0, b1 = _share((out + ROWS - 1) // ROWS, part, n_parts)
-    r0, r1 = b0 * ROWS, min(out, b1 * ROWS)
+    r0, r1 = _share_rows(out, part, n_parts)
+    b0, b1 = r0 // ROWS, (r1 + ROWS - 1) // ROWS
     if meta[m, 5] == LEVEL:
         c, table = carray(_u32_at(at[m, 0]), meta[m, 7]), carray(_f32_at(at[m, 1]), meta[m, 8])
         y[r0:b1 * ROWS] = 0
@@ -170,13 +177,6 @@ def _product(m, rx, y, partials, meta, at, part, n_parts):
     scale = carray(_f32_at(at[m, 2]), out)
     for r in range(r0, r1):
         y[r] *= scale[r]
-
-
-@njit(cache=True, fastmath=True, inline="always")
-def _share_rows(out, part, n_parts):
-    """The rows of an out-row product that _product gives this thread (whole 16-row blocks)."""
-    b0, b1 = _share((out + ROWS - 1) // ROWS, part, n_parts)
-    return b0 * ROWS, min(out, b1 * ROWS)
 
 
 @njit(cache=True, fastmath=True)

@@ -27,8 +27,8 @@ def _factors(n: int, seed: int | None) -> tuple[np.ndarray, np.ndarray, int, int
     """(left, right, a, b) with R x = left X right, X = x as (a, b); a = 0 without a rotation."""
     if seed is None:
         return _NONE, _NONE, 0, 0
-    a, b = rotation.factors(n, seed)
-    return a.astype(np.float32), np.ascontiguousarray(b.T, dtype=np.float32), len(a), len(b)
+    left, right = rotation.factors_as(n, seed, np.dtype(np.float32))
+    return left, right, len(left), len(right)
 
 
 def _address(a: np.ndarray) -> int:
