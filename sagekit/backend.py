@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -29,6 +30,16 @@ class Backend:
 
     def asarray(self, a: np.ndarray, dtype: Any = None) -> Any:
         return self.xp.asarray(a, dtype=dtype or self.dtype)
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """A zeroed array whose memory becomes resident only where it is written, on the CPU: an anonymous map,
+        4 KiB pages, where NumPy asks for 2 MiB pages above 4 MiB. A KV cache sized for 512 tokens then holds
+        the pages of the tokens written, not all of them from the first token on."""
+        if self.is_gpu:
+            return self.xp.zeros(shape, dtype=dtype)
+        dtype = np.dtype(dtype)
+        pages = mmap.mmap(-1, max(1, int(np.prod(shape)) * dtype.itemsize))
+        return np.frombuffer(pages, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
     def to_numpy(self, a: Any) -> np.ndarray:
         return a.get() if self.is_gpu else np.asarray(a)

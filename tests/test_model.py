@@ -136,3 +136,24 @@ def test_silu_mul_is_accurate_and_never_overflows():
     g64 = g.astype(np.float64)
     ref = g64 * np.exp(-np.logaddexp(0.0, -g64)) * u  # g * sigmoid(g) * u, computed without overflow
     np.testing.assert_allclose(got, ref, rtol=2e-6, atol=1e-30)
+
+
+def _rss_anon_kib() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    pytest.skip("no RssAnon in /proc/self/status")
+
+
+def test_cpu_cache_is_resident_only_where_written():
+    """A KV cache sized for many tokens holds memory for the tokens written: 256 slots of (512, 128) float32,
+    one position written in each, is 1 MiB of pages, not the 64 MiB of the whole (NumPy's zeros ask for 2 MiB
+    pages above 4 MiB, which made a 512-token cache resident in full at the first token)."""
+    backend = get_backend("cpu")
+    before = _rss_anon_kib()
+    cache = backend.zeros((256, 512, 128), np.float32)
+    assert cache.shape == (256, 512, 128) and cache.dtype == np.float32 and not cache.any()
+    cache[:, 0] = 1.0
+    grown = _rss_anon_kib() - before
+    assert cache.sum() == 256 * 128
+    assert grown < 8 * 1024, f"{grown} KiB resident after writing 128 KiB"

@@ -145,6 +145,10 @@ class Checkpoint:
     def raw(self, name: str) -> np.ndarray:
         return self.file_of(name).raw(name)
 
+    def copy(self, name: str) -> np.ndarray:
+        """raw() as a fresh array, the file's pages released: what a loaded model keeps of a packed tensor."""
+        return self.file_of(name).copy(name)
+
     @property
     def file_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.shard_paths)

@@ -107,7 +107,7 @@ def read_packed(ckpt: Checkpoint, prefix: str) -> Any:
         fields = SAGE_FIELDS
     else:  # baseline layouts may store optional fields: take every tensor of the module, from_arrays judges them
         fields = tuple(n[len(prefix) + 1:] for n in ckpt.names() if n.startswith(prefix + "."))
-    arrays = {f: np.array(ckpt.raw(f"{prefix}.{f}")) for f in fields}  # copies: the file map closes
+    arrays = {f: ckpt.copy(f"{prefix}.{f}") for f in fields}  # copies: the file map closes
     try:
         return layout.from_arrays(arrays, shape)
     except ValueError as e:

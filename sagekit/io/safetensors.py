@@ -137,6 +137,10 @@ class SafetensorsFile:
         whole (a compressed model's FP16 embedding is the largest tensor it loads: 113 MB in float32)."""
         if self.dtype(name) != "F16":
             return self.float32(name).astype(np.float16)
+        return self.copy(name)
+
+    def copy(self, name: str) -> np.ndarray:
+        """The stored bits as a fresh array (raw's dtype); its pages of the file map are released afterwards."""
         out = np.array(self.raw(name))
         self._release(name)
         return out
