@@ -9,6 +9,11 @@ one needs the other's part. The math is model/llama.py's `block`, in the same or
 and the cache, attention, o, residual, RMSNorm, R x, gate|up, SiLU, R m, down, residual. The norms are done by
 every thread on its own copy, which costs less than a barrier's wait for one thread to do them.
 
+Its first run compiles it (25 s on the 2-core machine, then read from Numba's cache). What each thread runs is
+one function, _thread_step, compiled once: as the body of the parallel loop it was compiled twice, and the
+region's np.zeros each became a parallel loop of its own. Copies between arrays are loops: a slice assignment
+compiles Numba's shape-error message, seconds each. Together these took the first run from 60 s to 25 s.
+
 Layout of what a step reads (built by sagekit.model.decode_plan), per layer l and matrix j of MATRICES,
 m = 7 l + j, in two int64 tables:
   meta[m] = (out, cols, bits, a, b, kind, k, n_codes, n_table): the product's rows; kind LEVEL: its 32-column
@@ -80,11 +85,13 @@ def _rows_times(w, m, out, i0, i1):
 @njit(cache=True, fastmath=True)
 def _rotate(x, left, right, a, b, tmp, out, part, n_parts):
     """This thread's share of out = R x: rows i of R x read as (a, b) are left[i] X right, so each thread makes
-    its rows alone; zeros from x.size on (the products' padding). a = 0: out = x."""
+    its rows alone; zeros from x.size on (the products' padding). a = 0: out = x. Loops, not slice assignments
+    between arrays: those compile Numba's shape-error message, seconds of a first run."""
     n = x.size
     if a == 0:
         i0, i1 = _share(n, part, n_parts)
-        out[i0:i1] = x[i0:i1]
+        for i in range(i0, i1):
+            out[i] = x[i]
     else:
         i0, i1 = _share(a, part, n_parts)
         t = tmp[:n].reshape(a, b)
@@ -171,9 +178,11 @@ def _product(m, rx, y, partials, meta, at, part, n_parts):
         for blk in range(b0, b1):
             level_block16(y, blk * ROWS, c, blk * chunks * bits * ROWS, chunks, table, rx, np.int64(0), bits)
     else:
-        y[r0:r1] = partials[0, r0:r1]
+        for r in range(r0, r1):
+            y[r] = partials[0, r]
         for t in range(1, n_parts):
-            y[r0:r1] += partials[t, r0:r1]
+            for r in range(r0, r1):
+                y[r] += partials[t, r]
     scale = carray(_f32_at(at[m, 2]), out)
     for r in range(r0, r1):
         y[r] *= scale[r]
@@ -198,57 +207,77 @@ def _products_of(x, m, first, last, meta, at, tmp, rx, ys, partials, tab, counte
     return phase
 
 
-@njit(cache=True, fastmath=True, parallel=True)
-def decode_layers(h, meta, at, norms, eps, cache_k, cache_v, cos, sin, start, n_heads, n_threads):
-    """The residual stream (dim,) float32 after every layer, for one token at position `start`, whose keys and
-    values it writes into the cache. meta, at: the matrices (module docstring); n_threads: see threads()."""
-    n_layers, n_kv, _, d = cache_k.shape
-    dim, inter, rep = h.size, meta[GATE, 0], n_heads // n_kv
+@njit(cache=True)
+def _scratch(dim, inter, n_heads, n_kv, d, n_threads):
+    """The arrays the threads share: each product's output ys, each thread's codebook sums, the queries, the
+    attention and MLP activations, R x and the barrier's counter. Allocated here, outside the parallel function,
+    whose np.zeros would each become a parallel loop of their own, compiled on their own."""
     pad = ROWS * ((max(dim, inter, n_heads * d, n_kv * d) + ROWS - 1) // ROWS) + 32 * ROWS
     ys = np.zeros((7, pad), dtype=np.float32)  # each product's output, shared by the threads
     partials = np.zeros((n_threads, 7, pad), dtype=np.float32)  # each thread's codebook sums, all rows
     q = np.empty((n_heads, d), dtype=np.float32)
-    att, mid = np.zeros((n_heads, d), dtype=np.float32), np.zeros(inter, dtype=np.float32)
+    att, mid = np.zeros(n_heads * d, dtype=np.float32), np.zeros(inter, dtype=np.float32)
     rx = np.empty(pad, dtype=np.float32)  # R x, what the products read
-    counter = np.zeros(1, dtype=np.int64)
+    return ys, partials, q, att, mid, rx, np.zeros(1, dtype=np.int64)
+
+
+@njit(cache=True, fastmath=True)
+def _thread_step(part, h, meta, at, norms, eps, cache_k, cache_v, cos, sin, start, n_heads, n_threads, shared):
+    """Thread `part`'s share of every layer for one token (decode_layers); the threads meet at each barrier. A
+    function of its own, not the body of the parallel loop, so that it compiles once, as any other function."""
+    ys, partials, q, att, mid, rx, counter = shared
+    n_layers, n_kv, _, d = cache_k.shape
+    dim, inter, rep = h.size, meta[GATE, 0], n_heads // n_kv
     scale = np.float32(1.0 / np.sqrt(d))
     # the products that share an input, as run-time values: constants would compile _products_of once per value
     first, last = np.array([Q, O, GATE, DOWN]), np.array([V, O, UP, DOWN])
+    x, tmp = np.empty(dim, dtype=np.float32), np.empty(rx.size, dtype=np.float32)
+    p = np.empty(start + 1, dtype=np.float32)
+    tab = np.empty(256, dtype=np.float32)
+    phase = np.int64(1)  # not 1: a literal would compile _products_of a second time
+    for layer in range(n_layers):
+        m = 7 * layer
+        rmsnorm_row(h, norms[layer, 0], eps, x)
+        phase = _products_of(x, m, first[0], last[0], meta, at, tmp, rx, ys, partials, tab, counter, phase, part, n_threads)
+        phase = meet(counter, n_threads, phase)
+        k0, k1 = _share(n_kv, part, n_threads)
+        for g in range(k0, k1):  # this thread's KV heads into the cache
+            rope_head(ys[K, g * d:(g + 1) * d], cos, sin, cache_k[layer, g, start])
+            for e in range(d):
+                cache_v[layer, g, start, e] = ys[V, g * d + e]
+        h0, h1 = _share(n_heads, part, n_threads)
+        for i in range(h0, h1):
+            rope_head(ys[Q, i * d:(i + 1) * d], cos, sin, q[i])
+            for e in range(d):  # not q[i] *= scale: that compiles an array assignment and its error message
+                q[i, e] *= scale
+        phase = meet(counter, n_threads, phase)
+        for i in range(h0, h1):
+            attend_head(q, i, cache_k[layer, i // rep], cache_v[layer, i // rep], start + 1, p, att[i * d:(i + 1) * d])
+        phase = meet(counter, n_threads, phase)
+        phase = _products_of(att, m, first[1], last[1], meta, at, tmp, rx, ys, partials, tab, counter, phase, part, n_threads)
+        r0, r1 = _share_rows(dim, part, n_threads)
+        for r in range(r0, r1):
+            h[r] += ys[O, r]
+        phase = meet(counter, n_threads, phase)
+        rmsnorm_row(h, norms[layer, 1], eps, x)
+        phase = _products_of(x, m, first[2], last[2], meta, at, tmp, rx, ys, partials, tab, counter, phase, part, n_threads)
+        r0, r1 = _share_rows(inter, part, n_threads)
+        for r in range(r0, r1):
+            mid[r] = silu(ys[GATE, r]) * ys[UP, r]
+        phase = meet(counter, n_threads, phase)
+        phase = _products_of(mid, m, first[3], last[3], meta, at, tmp, rx, ys, partials, tab, counter, phase, part, n_threads)
+        r0, r1 = _share_rows(dim, part, n_threads)
+        for r in range(r0, r1):
+            h[r] += ys[DOWN, r]
+        phase = meet(counter, n_threads, phase)
+
+
+@njit(cache=True, parallel=True)
+def decode_layers(h, meta, at, norms, eps, cache_k, cache_v, cos, sin, start, n_heads, n_threads):
+    """The residual stream (dim,) float32 after every layer, for one token at position `start`, whose keys and
+    values it writes into the cache. meta, at: the matrices (module docstring); n_threads: see threads()."""
+    n_kv, d = cache_k.shape[1], cache_k.shape[3]
+    shared = _scratch(h.size, meta[GATE, 0], n_heads, n_kv, d, n_threads)
     for part in prange(n_threads):
-        x, tmp = np.empty(dim, dtype=np.float32), np.empty(pad, dtype=np.float32)
-        p, kr = np.empty(start + 1, dtype=np.float32), np.empty(d, dtype=np.float32)
-        tab = np.empty(256, dtype=np.float32)
-        phase = 1
-        for layer in range(n_layers):
-            m = 7 * layer
-            rmsnorm_row(h, norms[layer, 0], eps, x)
-            phase = _products_of(x, m, first[0], last[0], meta, at, tmp, rx, ys, partials, tab, counter, phase, part, n_threads)
-            phase = meet(counter, n_threads, phase)
-            k0, k1 = _share(n_kv, part, n_threads)
-            for g in range(k0, k1):  # this thread's KV heads into the cache
-                rope_head(ys[K, g * d:(g + 1) * d], cos, sin, kr)
-                cache_k[layer, g, start] = kr
-                cache_v[layer, g, start] = ys[V, g * d:(g + 1) * d]
-            h0, h1 = _share(n_heads, part, n_threads)
-            for i in range(h0, h1):
-                rope_head(ys[Q, i * d:(i + 1) * d], cos, sin, q[i])
-                q[i] *= scale
-            phase = meet(counter, n_threads, phase)
-            for i in range(h0, h1):
-                attend_head(q, i, cache_k[layer, i // rep], cache_v[layer, i // rep], start + 1, p, att[i])
-            phase = meet(counter, n_threads, phase)
-            phase = _products_of(att.reshape(-1), m, first[1], last[1], meta, at, tmp, rx, ys, partials, tab, counter, phase, part, n_threads)
-            r0, r1 = _share_rows(dim, part, n_threads)
-            h[r0:r1] += ys[O, r0:r1]
-            phase = meet(counter, n_threads, phase)
-            rmsnorm_row(h, norms[layer, 1], eps, x)
-            phase = _products_of(x, m, first[2], last[2], meta, at, tmp, rx, ys, partials, tab, counter, phase, part, n_threads)
-            r0, r1 = _share_rows(inter, part, n_threads)
-            for r in range(r0, r1):
-                mid[r] = silu(ys[GATE, r]) * ys[UP, r]
-            phase = meet(counter, n_threads, phase)
-            phase = _products_of(mid, m, first[3], last[3], meta, at, tmp, rx, ys, partials, tab, counter, phase, part, n_threads)
-            r0, r1 = _share_rows(dim, part, n_threads)
-            h[r0:r1] += ys[DOWN, r0:r1]
-            phase = meet(counter, n_threads, phase)
+        _thread_step(np.int64(part), h, meta, at, norms, eps, cache_k, cache_v, cos, sin, start, n_heads, n_threads, shared)
     return h
