@@ -133,6 +133,23 @@ def test_decode_attention_matches_softmax_attention(n_heads, n_kv, length, d):
     np.testing.assert_allclose(out, ref, atol=2e-6)
 
 
+@pytest.mark.parametrize("b, tb, n", [(3, 5, 5), (9, 7, 40), (2, 1, 1), (4, 16, 150)])
+def test_causal_softmax_matches_masked_softmax(b, tb, n):
+    """A block's last tb queries of n positions: query i sees keys < n - tb + i + 1, whatever the scores past
+    them hold; rows of every length mod 8 (the eight running maxima and their tail), the largest score anywhere."""
+    rng = np.random.default_rng(n)
+    scores = (rng.standard_normal((b, tb, n)) * 4).astype(np.float32)
+    seen = np.arange(n)[None, :] < (n - tb + np.arange(tb) + 1)[:, None]
+    scores[:, ~seen] = 1e4  # garbage the mask must hide
+    s64 = np.where(seen, scores.astype(np.float64), -np.inf)
+    ref = np.exp(s64 - s64.max(axis=-1, keepdims=True))
+    got = scores.copy()
+    sums = cpu.causal_softmax(got)
+    assert sums.shape == (b, tb, 1)
+    np.testing.assert_allclose(got, ref, atol=2e-7)
+    np.testing.assert_allclose(sums, ref.sum(axis=-1, keepdims=True), rtol=1e-5)
+
+
 @pytest.mark.parametrize("t", [1, 7])
 def test_rmsnorm_and_rope_kernels_match_their_formulas(t):
     """The Numba RMSNorm and RoPE the CPU model uses, against the NumPy formulas in float64."""

@@ -9,6 +9,7 @@ from sagekit.backend import get_backend
 from sagekit.io.checkpoint import Checkpoint
 from sagekit.io.synthetic import write_random_checkpoint
 from sagekit.model.generate import generate
+from sagekit.kernels.transformer_ops import swiglu
 from sagekit.model.llama import silu_mul
 from sagekit.model.load import load_model
 
@@ -126,13 +127,15 @@ def test_llama3_rope_scaling_keeps_high_and_scales_low_frequencies():
     assert mid.any() and np.all((s[mid] < b[mid]) & (s[mid] > b[mid] / 8.0))
 
 
-def test_silu_mul_is_accurate_and_never_overflows():
-    """SwiGLU's gate: float32-accurate against float64, and no overflow warning past g = -88 (e^-g is inf)."""
+@pytest.mark.parametrize("kernel", ["numpy", "numba"])
+def test_silu_mul_is_accurate_and_never_overflows(kernel):
+    """SwiGLU's gate, NumPy's array calls and the CPU kernel: float32-accurate against float64, and no
+    overflow warning past g = -88 (e^-g is inf)."""
     g = np.concatenate([np.linspace(-30, 30, 601), [-1e4, -100.0, -88.0, 0.0, 88.0, 100.0, 1e4]]).astype(np.float32)
     g = g.reshape(2, -1)
     u = np.random.default_rng(0).uniform(-2, 2, g.shape).astype(np.float32)
     with np.errstate(all="raise"):
-        got = silu_mul(np, g, u)
+        got = silu_mul(np, g, u) if kernel == "numpy" else swiglu(g, u)
     g64 = g.astype(np.float64)
     ref = g64 * np.exp(-np.logaddexp(0.0, -g64)) * u  # g * sigmoid(g) * u, computed without overflow
     np.testing.assert_allclose(got, ref, rtol=2e-6, atol=1e-30)

@@ -33,7 +33,7 @@ from sagekit.kernels.lut_matmul import (
     unpack_rows,
     walsh_beta,
 )
-from sagekit.kernels.transformer_ops import decode_attention, rmsnorm, rope
+from sagekit.kernels.transformer_ops import causal_softmax, decode_attention, rmsnorm, rope, swiglu
 
 __all__ = [
     "AVX512",
@@ -44,6 +44,7 @@ __all__ = [
     "CodebookCPU",
     "LevelCPU",
     "SageCPU",
+    "causal_softmax",
     "codebook_matmul",
     "decode_attention",
     "decode_rows",
@@ -57,6 +58,7 @@ __all__ = [
     "rope",
     "run_length",
     "sage_matmul",
+    "swiglu",
     "unpack_rows",
     "walsh_beta",
 ]

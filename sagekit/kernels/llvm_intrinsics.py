@@ -196,6 +196,21 @@ class _Loop:
         b.position_at_end(self.done)
 
 
+@intrinsic
+def pow2(typingctx, n):
+    """2^n as float32 for an int32 n in -126..127, made from its exponent bits ((n + 127) << 23): no table,
+    so a loop around it vectorises (exp's, in transformer_ops)."""
+    if n != types.int32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        bits = builder.shl(builder.add(args[0], ir.Constant(i32, 127)), ir.Constant(i32, 23))
+        return builder.bitcast(bits, ir.FloatType())
+
+    return types.float32(n), codegen
+
+
 def _splat(builder, value):
     one = builder.insert_element(ir.Constant(_F16, None), value, ir.Constant(ir.IntType(32), 0))
     return builder.shuffle_vector(one, ir.Constant(_F16, None), ir.Constant(_I16, [0] * ROWS))

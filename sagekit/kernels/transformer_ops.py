@@ -9,26 +9,46 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
-from sagekit.kernels.llvm_intrinsics import ROWS, scores16, weighted_rows64
+from sagekit.kernels.llvm_intrinsics import ROWS, pow2, scores16, weighted_rows64
 
-POW2 = np.ldexp(np.float32(1), np.arange(-126, 1)).astype(np.float32)  # 2^n for n = -126..0
 EXP_TAYLOR = tuple(np.float32(np.log(2.0) ** k / math.factorial(k)) for k in range(8))
 
 
 @njit(cache=True, fastmath=True, inline="always")
 def _exp_nonpositive(x):
-    """exp(x) for x <= 0 without a libm call, so the loop around it vectorises: 2^n from a table times
+    """exp(x) for x <= 0 without a libm call, so the loop around it vectorises: 2^n from its exponent bits times
     2^f by its degree-7 Taylor series on |f| <= 1/2. Absolute error < 1.2e-7 (results are <= 1: about
     one float32 ulp), which is what softmax weights need; the relative error grows to ~3e-6 near x = -87
     with float32's rounding of x log2(e)."""
-    t = max(x, np.float32(-87.0)) * np.float32(1.4426950408889634)
+    t = (x if x > np.float32(-87.0) else np.float32(-87.0)) * np.float32(1.4426950408889634)
     n = np.floor(t + np.float32(0.5))
     f = t - n
     c = EXP_TAYLOR
     p = c[0] + f * (c[1] + f * (c[2] + f * (c[3] + f * (c[4] + f * (c[5] + f * (c[6] + f * c[7]))))))
-    return p * POW2[np.int64(n) + 126]
+    return p * pow2(np.int32(n))
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _larger(a, b):
+    return a if a > b else b
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _row_max(row, n):
+    """max(row[:n]), n >= 1, in eight running maxima that the compiler makes one vector: a single running max
+    (or Python's max) waits on each compare, 1.6 ns a float against 0.4."""
+    n8 = n // 8 * 8
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = row[0]
+    for j in range(0, n8, 8):
+        a0, a1, a2, a3 = _larger(a0, row[j]), _larger(a1, row[j + 1]), _larger(a2, row[j + 2]), _larger(a3, row[j + 3])
+        a4, a5 = _larger(a4, row[j + 4]), _larger(a5, row[j + 5])
+        a6, a7 = _larger(a6, row[j + 6]), _larger(a7, row[j + 7])
+    top = _larger(_larger(_larger(a0, a1), _larger(a2, a3)), _larger(_larger(a4, a5), _larger(a6, a7)))
+    for j in range(n8, n):
+        top = _larger(top, row[j])
+    return top
 
 
 @njit(cache=True, fastmath=True, inline="always")
@@ -44,9 +64,7 @@ def attend_head(q, h, k, v, length, p, o):
         for e in range(d):
             s += q[h, e] * k[j, e]
         p[j] = s
-    top = -np.inf
-    for j in range(length):
-        top = max(top, p[j])
+    top = _row_max(p, length)
     total = np.float32(0)
     for j in range(length):
         p[j] = _exp_nonpositive(p[j] - top)
@@ -74,6 +92,40 @@ def decode_attention(q, keys, values, length, out):
     p = np.empty(length, dtype=np.float32)
     for h in range(q.shape[0]):
         attend_head(q, h, keys[h // rep], values[h // rep], length, p, out[h])
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def causal_softmax(scores):
+    """In place, each row's exp(s - max) over its causal keys and 0 past them; returns the row sums. Layout:
+    scores (B, Tb, n) f32, the scores of a block's Tb queries, the last Tb of n positions: query i sees keys
+    < n - Tb + i + 1. One pass for what took NumPy five (mask, max, subtract, exp, sum), with an exp that
+    vectorises; the rows split over the threads."""
+    n_b, tb, n = scores.shape
+    sums = np.empty((n_b, tb, 1), dtype=np.float32)
+    for r in prange(n_b * tb):
+        b, i = r // tb, r % tb
+        row, length = scores[b, i], n - tb + i + 1
+        top = _row_max(row, length)
+        total = np.float32(0)
+        for j in range(length):
+            e = _exp_nonpositive(row[j] - top)
+            row[j] = e
+            total += e
+        for j in range(length, n):
+            row[j] = 0
+        sums[b, i, 0] = total
+    return sums
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def swiglu(g, u):
+    """silu(g) * u, the MLP's activation, rows split over the threads. Layout: g, u (T, inter) f32. silu's
+    libm-free exp vectorises, which np.exp inside a Numba loop did not."""
+    out = np.empty_like(g)
+    for i in prange(g.shape[0]):
+        for j in range(g.shape[1]):
+            out[i, j] = silu(g[i, j]) * u[i, j]
+    return out
 
 
 @njit(cache=True, fastmath=True, inline="always")
