@@ -1,7 +1,8 @@
-"""CPU transformer ops (Numba) for the float32 forward pass: decode attention, RMSNorm, RoPE and SiLU.
+"""CPU transformer ops (Numba) for the float32 forward pass: decode attention, the prefill's causal softmax,
+RMSNorm, RoPE and SwiGLU.
 
-At one token NumPy's and BLAS's per-call costs outweigh the arithmetic of these ops, so each kernel does
-the same math as the NumPy path in one call.
+At one token NumPy's and BLAS's per-call costs outweigh the arithmetic of these ops, and at many NumPy makes a
+pass over memory per array call; each kernel does the same math as the NumPy path in one call and one pass.
 """
 
 from __future__ import annotations
