@@ -2,9 +2,9 @@
 
 The hot inner loops need vector code that Numba's loops do not yield: the 16-lane table lookup (one AVX-512
 `vpermps`) and the 16-token salient gather of the packed LUT matmul (lut_matmul.py), and attention's dot
-products reduced across lanes together and exp's 2^n from exponent bits (transformer_ops.py); the codebook matmul's lookups build on these
-helpers in codebook_intrinsics.py. Numba's on-disk cache checks only the source
-file of the @njit kernel it caches, not this one: after editing here, clear the cache (the __pycache__
+products reduced across lanes together and exp's 2^n from exponent bits (transformer_ops.py); the codebook
+matmul's lookups build on these helpers in codebook_intrinsics.py. Numba's on-disk cache checks only the
+source file of the @njit kernel it caches, not this one: after editing here, clear the cache (the __pycache__
 folders or NUMBA_CACHE_DIR), or the kernels keep their old builds.
 """
 from __future__ import annotations
