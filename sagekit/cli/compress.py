@@ -182,7 +182,7 @@ def demo(
                 bar.update(task, description=f"{label}: load")
                 llm = _model(path, device, max(len(ids) + max_new_tokens, seqlen))
                 # one decode step first, so that decode tok/s is the steady rate, not Numba's first compilation
-                # (the compressed model's fused decode step compiles for about a minute on a fresh install)
+                # (the compressed model's fused decode step compiles for about 25 s on a fresh install)
                 llm.forward(np.asarray(ids[:1]), 0, last_only=True)
                 bar.update(task, advance=1, description=f"{label}: generate")
                 g = run_generate(llm, ids, max_new_tokens, temperature=0.0)
