@@ -165,6 +165,14 @@ def _share_rows(out, part, n_parts):
     return b0 * ROWS, min(out, b1 * ROWS)
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def _add_rows(h, y, part, n_parts):
+    """h += y on this thread's rows of h (the residual after o and after down), as _product split them."""
+    r0, r1 = _share_rows(h.size, part, n_parts)
+    for r in range(r0, r1):
+        h[r] += y[r]
+
+
 @njit(cache=True, fastmath=True)
 def _product(m, rx, y, partials, meta, at, part, n_parts):
     """y[r] = scale[r] (W_hat[r] . rx) for this thread's rows r of matrix m, in 16-row blocks; y holds a whole
@@ -255,9 +263,7 @@ def _thread_step(part, h, meta, at, norms, eps, cache_k, cache_v, cos, sin, star
             attend_head(q, i, cache_k[layer, i // rep], cache_v[layer, i // rep], start + 1, p, att[i * d:(i + 1) * d])
         phase = meet(counter, n_threads, phase)
         phase = _products_of(att, m, first[1], last[1], meta, at, tmp, rx, ys, partials, tab, counter, phase, part, n_threads)
-        r0, r1 = _share_rows(dim, part, n_threads)
-        for r in range(r0, r1):
-            h[r] += ys[O, r]
+        _add_rows(h, ys[O], part, n_threads)
         phase = meet(counter, n_threads, phase)
         rmsnorm_row(h, norms[layer, 1], eps, x)
         phase = _products_of(x, m, first[2], last[2], meta, at, tmp, rx, ys, partials, tab, counter, phase, part, n_threads)
@@ -266,9 +272,7 @@ def _thread_step(part, h, meta, at, norms, eps, cache_k, cache_v, cos, sin, star
             mid[r] = silu(ys[GATE, r]) * ys[UP, r]
         phase = meet(counter, n_threads, phase)
         phase = _products_of(mid, m, first[3], last[3], meta, at, tmp, rx, ys, partials, tab, counter, phase, part, n_threads)
-        r0, r1 = _share_rows(dim, part, n_threads)
-        for r in range(r0, r1):
-            h[r] += ys[DOWN, r]
+        _add_rows(h, ys[DOWN], part, n_threads)
         phase = meet(counter, n_threads, phase)
 
 
