@@ -37,9 +37,9 @@ class Backend:
         the pages of the tokens written, not all of them from the first token on."""
         if self.is_gpu:
             return self.xp.zeros(shape, dtype=dtype)
-        dtype = np.dtype(dtype)
-        pages = mmap.mmap(-1, max(1, int(np.prod(shape)) * dtype.itemsize))
-        return np.frombuffer(pages, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+        dtype, count = np.dtype(dtype), int(np.prod(shape))
+        pages = mmap.mmap(-1, max(1, count * dtype.itemsize))
+        return np.frombuffer(pages, dtype=dtype, count=count).reshape(shape)
 
     def to_numpy(self, a: Any) -> np.ndarray:
         return a.get() if self.is_gpu else np.asarray(a)

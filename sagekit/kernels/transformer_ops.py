@@ -18,22 +18,22 @@ EXP_TAYLOR = tuple(np.float32(np.log(2.0) ** k / math.factorial(k)) for k in ran
 
 
 @njit(cache=True, fastmath=True, inline="always")
+def _larger(a, b):
+    return a if a > b else b
+
+
+@njit(cache=True, fastmath=True, inline="always")
 def _exp_nonpositive(x):
     """exp(x) for x <= 0 without a libm call, so the loop around it vectorises: 2^n from its exponent bits times
     2^f by its degree-7 Taylor series on |f| <= 1/2. Absolute error < 1.2e-7 (results are <= 1: about
     one float32 ulp), which is what softmax weights need; the relative error grows to ~3e-6 near x = -87
     with float32's rounding of x log2(e)."""
-    t = (x if x > np.float32(-87.0) else np.float32(-87.0)) * np.float32(1.4426950408889634)
+    t = _larger(x, np.float32(-87.0)) * np.float32(1.4426950408889634)
     n = np.floor(t + np.float32(0.5))
     f = t - n
     c = EXP_TAYLOR
     p = c[0] + f * (c[1] + f * (c[2] + f * (c[3] + f * (c[4] + f * (c[5] + f * (c[6] + f * c[7]))))))
     return p * pow2(np.int32(n))
-
-
-@njit(cache=True, fastmath=True, inline="always")
-def _larger(a, b):
-    return a if a > b else b
 
 
 @njit(cache=True, fastmath=True, inline="always")
