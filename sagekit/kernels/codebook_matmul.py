@@ -24,6 +24,7 @@ from numba import njit, prange
 from sagekit.format.sage_grid import PackedGrid
 from sagekit.format.sage_vq import PackedVQ
 from sagekit.kernels.codebook_intrinsics import table_rows16, table_run_blocks
+from sagekit.kernels.fastmath import FASTMATH
 from sagekit.kernels.llvm_intrinsics import AVX512, ROWS
 from sagekit.kernels.serial_twin import serial_twin
 from sagekit.kernels.tiles import padded, tiled_matmul
@@ -107,7 +108,7 @@ def prepare_codebook(p: PackedVQ | PackedGrid) -> CodebookCPU:
     return CodebookCPU(_run_major(codes), words_t, p.scale.astype(np.float32), p.shape, d)
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, inline="always")
 def table_run(x, b, codewords_t, d, row):
     """row[c] = codewords[c] . x[b : b + D] for every codeword c: one run's table. One pass over the K entries
     with all D terms at once, padded to 2, 4 or 8 (the rows past D weigh 0): a pass per term loads and stores
@@ -131,7 +132,7 @@ def table_run(x, b, codewords_t, d, row):
                   + x6 * codewords_t[6, c] + x7 * codewords_t[7, c])
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
 def _tables(x: np.ndarray, codewords_t: np.ndarray, d: int) -> np.ndarray:
     """float32 (T, runs * K): [t, j K + c] = codewords[c] . x[t, jD : jD + D]; x (T, runs * D), codewords_t
     as CodebookCPU's."""
@@ -144,7 +145,7 @@ def _tables(x: np.ndarray, codewords_t: np.ndarray, d: int) -> np.ndarray:
     return out
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
 def _table_matmul(tables: np.ndarray, k: int, codes: np.ndarray, runs: int, chunk: int) -> np.ndarray:
     """float32 (T, blocks * 16): y[t, r] = sum_j tables[t, j k + code of row r's run j], runs in chunks."""
     n_tok = tables.shape[0]
@@ -160,7 +161,7 @@ def _table_matmul(tables: np.ndarray, k: int, codes: np.ndarray, runs: int, chun
     return y.reshape(n_tok, blocks * ROWS)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _permute_matmul(tables: np.ndarray, codes: np.ndarray, runs: int, blocks: int) -> np.ndarray:
     """_table_matmul for 256-entry tables on AVX-512: run by run, the run's table in registers, all rows."""
     n_tok = tables.shape[0]
@@ -177,7 +178,7 @@ _tables_serial = serial_twin(_tables)
 _table_matmul_serial = serial_twin(_table_matmul)
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
 def _decode_tile(codes: np.ndarray, codewords_t: np.ndarray, d: int, scale: np.ndarray, runs: int, stride: int,
                  r0: int, r1: int, tile: np.ndarray) -> None:
     """tile[:r1 - r0, :runs * D] = rows r0..r1 of scale * codewords[codes]; run j's codes from j * stride, row r

@@ -38,6 +38,7 @@ from numba.extending import intrinsic
 from sagekit.kernels.barrier import meet
 from sagekit.kernels.codebook_intrinsics import table_run_blocks, table_run_blocks_bf16
 from sagekit.kernels.codebook_matmul import table_run
+from sagekit.kernels.fastmath import FASTMATH
 from sagekit.kernels.level_matmul import level_block16
 from sagekit.kernels.llvm_intrinsics import AVX512_BF16, ROWS
 from sagekit.kernels.transformer_ops import attend_head, rmsnorm_row, rope_head, silu
@@ -62,7 +63,7 @@ def threads() -> int:
     return numba.get_num_threads() if numba.threading_layer() == "omp" else 1
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, inline="always")
 def _rows_times(w, m, out, i0, i1):
     """out[i] = w[i] @ m for rows i0..i1, four rows of m at a time: one load and store of out[i] per four
     multiply-adds, where one per multiply-add left the rotation at a third of the speed."""
@@ -82,7 +83,7 @@ def _rows_times(w, m, out, i0, i1):
                 o[j] += wk * mk[j]
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _rotate(x, left, right, a, b, tmp, out, part, n_parts):
     """This thread's share of out = R x: rows i of R x read as (a, b) are left[i] X right, so each thread makes
     its rows alone; zeros from x.size on (the products' padding). a = 0: out = x. Loops, not slice assignments
@@ -101,7 +102,7 @@ def _rotate(x, left, right, a, b, tmp, out, part, n_parts):
         out[n:] = 0
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, inline="always")
 def _share(n_items, part, n_parts):
     """This thread's [first, last) of n_items split evenly over n_parts."""
     return n_items * part // n_parts, n_items * (part + 1) // n_parts
@@ -124,7 +125,7 @@ def _pointer_to(dtype):
 _u32_at, _u8_at, _f32_at = _pointer_to(types.uint32), _pointer_to(types.uint8), _pointer_to(types.float32)
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, inline="always")
 def _rotated(m, x, meta, at, tmp, rx, part, n_parts):
     """This thread's share of rx = R_m x (what _product reads)."""
     a, b = meta[m, 3], meta[m, 4]
@@ -132,7 +133,7 @@ def _rotated(m, x, meta, at, tmp, rx, part, n_parts):
     _rotate(x, left, right, a, b, tmp, rx, part, n_parts)
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, inline="always")
 def _run_lookup_f32(acc, tab, codes, c0, blocks):
     """table_run_blocks_bf16 without the rounding, for AVX-512 CPUs without BF16."""
     table_run_blocks(acc, tab, 0, codes, c0, ROWS, blocks)
@@ -141,7 +142,7 @@ def _run_lookup_f32(acc, tab, codes, c0, blocks):
 _run_lookup = table_run_blocks_bf16 if AVX512_BF16 else _run_lookup_f32
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _book_partial(m, rx, acc, tab, meta, at, part, n_parts):
     """acc[r] = sum over this thread's runs j of codebook matrix m of T_j[code of row r's run j], unscaled, every
     row: each run's table T_j = codewords . rx[jD : jD + D] is made in `tab` (256 floats, in L1) and read at once
@@ -158,14 +159,14 @@ def _book_partial(m, rx, acc, tab, meta, at, part, n_parts):
         _run_lookup(acc, tab, c, run * blocks * ROWS, blocks)
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, inline="always")
 def _share_rows(out, part, n_parts):
     """The rows of an out-row product that _product gives this thread (whole 16-row blocks)."""
     b0, b1 = _share((out + ROWS - 1) // ROWS, part, n_parts)
     return b0 * ROWS, min(out, b1 * ROWS)
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, inline="always")
 def _add_rows(h, y, part, n_parts):
     """h += y on this thread's rows of h (the residual after o and after down), as _product split them."""
     r0, r1 = _share_rows(h.size, part, n_parts)
@@ -173,7 +174,7 @@ def _add_rows(h, y, part, n_parts):
         h[r] += y[r]
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _product(m, rx, y, partials, meta, at, part, n_parts):
     """y[r] = scale[r] (W_hat[r] . rx) for this thread's rows r of matrix m, in 16-row blocks; y holds a whole
     number of blocks. LEVEL: a lookup per weight; BOOK: the threads' partial sums (_book_partial) added."""
@@ -196,7 +197,7 @@ def _product(m, rx, y, partials, meta, at, part, n_parts):
         y[r] *= scale[r]
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _products_of(x, m, first, last, meta, at, tmp, rx, ys, partials, tab, counter, phase, part, n_parts):
     """This thread's rows of matrices m + first .. m + last (sharing their input and its rotation) times x, into
     ys[first..last]; the threads meet after the rotation and after the codebook partial sums (if any), not after
@@ -229,7 +230,7 @@ def _scratch(dim, inter, n_heads, n_kv, d, n_threads):
     return ys, partials, q, att, mid, rx, np.zeros(1, dtype=np.int64)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _thread_step(part, h, meta, at, norms, eps, cache_k, cache_v, cos, sin, start, n_heads, n_threads, shared):
     """Thread `part`'s share of every layer for one token (decode_layers); the threads meet at each barrier. A
     function of its own, not the body of the parallel loop, so that it compiles once, as any other function."""

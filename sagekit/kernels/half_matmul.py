@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from sagekit.kernels.fastmath import FASTMATH, ordered_dot
 from sagekit.kernels.serial_twin import serial_twin
 
 HALF_BLOCK_ROWS = 64  # rows converted into one scratch row at a time per thread
@@ -19,7 +20,7 @@ HALF_TO_F32 = np.float32(2.0 ** 112)  # moves a half's exponent bias (15) to a f
 HALF_PARALLEL_MIN_BITS = 1 << 24
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
 def _half_matmul(x, w, y):
     """Layout: x (T, in) f32; w (out, in) uint16 holding IEEE half bits, row-major; y (T, out) f32.
 
@@ -35,10 +36,7 @@ def _half_matmul(x, w, y):
                 h = np.uint32(w[r, j])
                 bits[j] = ((h & 0x8000) << 16) | ((h & 0x7FFF) << 13)
             for t in range(n_tok):
-                s = np.float32(0)
-                for j in range(in_):
-                    s += row[j] * x[t, j]
-                y[t, r] = s * HALF_TO_F32
+                y[t, r] = ordered_dot(row, x[t], in_) * HALF_TO_F32
 
 
 _half_matmul_serial = serial_twin(_half_matmul)

@@ -21,6 +21,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from sagekit.format.sage_grid import PackedGrid
+from sagekit.kernels.fastmath import FASTMATH
 from sagekit.kernels.llvm_intrinsics import _F16, _I16, AVX512, ROWS, _Loop, _splat
 from sagekit.kernels.serial_twin import serial_twin
 from sagekit.kernels.tiles import padded, tiled_matmul
@@ -172,7 +173,7 @@ def _level_body(builder, data, c0_v, chunks_v, x0_v, n_bits):
     return builder.fadd(loop.values[0], loop.values[1])
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
 def _level_matmul(x, codes, table, chunks, bits):
     """float32 (T, blocks * 16) of the unscaled product; x float32 (T, chunks * 32) zero-padded."""
     n_tok = x.shape[0]

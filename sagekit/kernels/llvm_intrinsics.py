@@ -2,7 +2,8 @@
 
 The hot inner loops need vector code that Numba's loops do not yield: the 16-lane table lookup (one AVX-512
 `vpermps`) and the 16-token salient gather of the packed LUT matmul (lut_matmul.py), and attention's dot
-products reduced across lanes together and exp's 2^n from exponent bits (transformer_ops.py); the codebook
+products reduced across lanes together and exp's 2^n from exponent bits (transformer_ops.py), and the
+fixed-order sums that fast math without reassociation leaves to us (dot32, fastmath.py); the codebook
 matmul's lookups build on these helpers in codebook_intrinsics.py. Numba's on-disk cache checks only the
 source file of the @njit kernel it caches, not this one: after editing here, clear the cache (the __pycache__
 folders or NUMBA_CACHE_DIR), or the kernels keep their old builds.
@@ -332,3 +333,35 @@ def weighted_rows64(typingctx, o, o0, v, c0, p, length):
 
     return types.void(o, o0, v, c0, p, length), codegen
 
+
+
+@intrinsic
+def dot32(typingctx, a, b, n):
+    """sum_{j < n} a[j] * b[j] for n a multiple of 32 (b None: sum a[j]), in a fixed order whatever the
+    compiler does: two 16-lane running sums take alternate 16-float halves, then one halving tree across the
+    lanes. Numba's loops vectorise a sum only with reassociation, which the kernels leave off (fastmath.py).
+    Layout: a, b (>= n,) f32, C-contiguous."""
+    arrays = (a,) if b == types.none else (a, b)
+    if not (all(isinstance(x, types.Array) and x.dtype == types.float32 and x.layout == "C" and x.ndim == 1
+                for x in arrays) and n == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        data = [context.make_array(sig.args[i])(context, builder, args[i]).data for i in range(len(arrays))]
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F16, [_F16] * 3), "llvm.fmuladd.v16f32")
+        loop = _Loop(builder, ir.Constant(i64, 0), args[2], 2 * ROWS, carried=2, name="dot32")
+        following = []
+        for h, acc in enumerate(loop.values):
+            j = builder.add(loop.i, ir.Constant(i64, h * ROWS))
+            x = [builder.load(builder.bitcast(builder.gep(d, [j]), _F16.as_pointer()), align=4) for d in data]
+            following.append(builder.fadd(acc, x[0]) if len(x) == 1 else builder.call(fma, [x[0], x[1], acc]))
+        loop.end(following)
+        v, width = builder.fadd(loop.values[0], loop.values[1]), ROWS
+        while width > 1:
+            width //= 2
+            hi = builder.shuffle_vector(v, v, ir.Constant(_I16, [(i + width) % ROWS for i in range(ROWS)]))
+            v = builder.fadd(v, hi)
+        return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+
+    return types.float32(a, b, n), codegen

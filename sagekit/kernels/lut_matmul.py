@@ -28,6 +28,7 @@ from numba import njit, prange
 
 from sagekit.format.bits import n_words
 from sagekit.format.sage import PackedSage
+from sagekit.kernels.fastmath import FASTMATH
 from sagekit.kernels.llvm_intrinsics import ROWS, lut_planes, sparse_row16
 from sagekit.kernels.serial_twin import serial_twin
 
@@ -139,7 +140,7 @@ def prepare(p: PackedSage) -> SageCPU:
     )
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _fill_tables(x, tab):
     """Layout: tab[128k + 16j + m] = sum_{i<4} (+1 if bit i of m else -1) * x[32k + 4j + i], x zero-padded.
     Built by doubling: entry m + 2^i is entry m with x_i's sign flipped to +."""
@@ -156,7 +157,7 @@ def _fill_tables(x, tab):
                 t[m + (1 << i)] = t[m] + two_x
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _salient_decode(x, y, part, n_par, sal_ptr, sal_idx, sal_val, sal_scale, short_rows, short_ptr, short_idx,
                     short_val, long_rows):
     """y[r] += sal_scale[r] * sum_j sal_val[j] * x[sal_idx[j]] over the salient entries of row r, for this
@@ -185,7 +186,7 @@ def _salient_decode(x, y, part, n_par, sal_ptr, sal_idx, sal_val, sal_scale, sho
         y[r] += sal_scale[r] * t
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
 def _lut_matmul(x, planes, beta, sal_ptr, sal_idx, sal_val, sal_scale, short_rows, short_ptr, short_idx, short_val,
                 long_rows, y, words, n_par):
     """Layout: x (T, in) f32; planes a tuple of 1+NB u32 vertical planes and the salient arrays as in SageCPU;
@@ -238,7 +239,7 @@ def _lut_matmul(x, planes, beta, sal_ptr, sal_idx, sal_val, sal_scale, short_row
 _lut_matmul_serial = serial_twin(_lut_matmul)
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
 def _unpack_tile(planes, values, sal_ptr, sal_idx, sal_val, sal_scale, words, r0, tile):
     """Layout: planes as in SageCPU (2-D); tile (in, R) f32 = W_hat[r0 : r0+R].T, rows past `out` left as
     whatever the zero padding decodes to. Transposed so that each plane word fills a contiguous row run."""

@@ -15,4 +15,4 @@ def serial_twin(kernel: CPUDispatcher) -> CPUDispatcher:
     f = kernel.py_func
     twin = FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
     twin.__qualname__ = f.__qualname__ + "_serial"
-    return njit(cache=True, fastmath=True)(twin)
+    return njit(cache=True, fastmath=kernel.targetoptions.get("fastmath", False))(twin)

@@ -12,17 +12,18 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from sagekit.kernels.fastmath import FASTMATH, ordered_dot, ordered_sum
 from sagekit.kernels.llvm_intrinsics import ROWS, pow2, scores16, weighted_rows64
 
 EXP_TAYLOR = tuple(np.float32(np.log(2.0) ** k / math.factorial(k)) for k in range(8))
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, inline="always")
 def _larger(a, b):
     return a if a > b else b
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, inline="always")
 def _exp_nonpositive(x):
     """exp(x) for x <= 0 without a libm call, so the loop around it vectorises: 2^n from its exponent bits times
     2^f by its degree-7 Taylor series on |f| <= 1/2. Absolute error < 1.2e-7 (results are <= 1: about
@@ -36,7 +37,7 @@ def _exp_nonpositive(x):
     return p * pow2(np.int32(n))
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, inline="always")
 def _row_max(row, n):
     """max(row[:n]), n >= 1, in eight running maxima that the compiler makes one vector: a single running max
     (or Python's max) waits on each compare, 1.6 ns a float against 0.4."""
@@ -52,7 +53,7 @@ def _row_max(row, n):
     return top
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, inline="always")
 def attend_head(q, h, k, v, length, p, o):
     """o = softmax(q[h] k^T) v for query head h over positions < length of its KV head (k, v: (S_max, D)).
     p: float32 scratch of at least `length`. Both loops run along D in unit stride."""
@@ -66,10 +67,9 @@ def attend_head(q, h, k, v, length, p, o):
             s += q[h, e] * k[j, e]
         p[j] = s
     top = _row_max(p, length)
-    total = np.float32(0)
     for j in range(length):
         p[j] = _exp_nonpositive(p[j] - top)
-        total += p[j]
+    total = ordered_sum(p, length)
     if d % 64 == 0:
         for c0 in range(0, d, 64):
             weighted_rows64(o, np.int64(c0), v, np.int64(c0), p, np.int64(length))
@@ -81,7 +81,7 @@ def attend_head(q, h, k, v, length, p, o):
     o *= np.float32(1) / total
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=FASTMATH)
 def decode_attention(q, keys, values, length, out):
     """One query position over the cache: softmax(q k^T) v per head, grouped-query heads sharing a KV head.
 
@@ -95,7 +95,7 @@ def decode_attention(q, keys, values, length, out):
         attend_head(q, h, keys[h // rep], values[h // rep], length, p, out[h])
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
 def causal_softmax(scores):
     """In place, each row's exp(s - max) over its causal keys and 0 past them; returns the row sums. Layout:
     scores (B, Tb, n) f32, the scores of a block's Tb queries, the last Tb of n positions: query i sees keys
@@ -107,18 +107,15 @@ def causal_softmax(scores):
         b, i = r // tb, r % tb
         row, length = scores[b, i], n - tb + i + 1
         top = _row_max(row, length)
-        total = np.float32(0)
         for j in range(length):
-            e = _exp_nonpositive(row[j] - top)
-            row[j] = e
-            total += e
+            row[j] = _exp_nonpositive(row[j] - top)
         for j in range(length, n):
             row[j] = 0
-        sums[b, i, 0] = total
+        sums[b, i, 0] = ordered_sum(row, length)
     return sums
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
 def swiglu(g, u):
     """silu(g) * u, the MLP's activation, rows split over the threads. Layout: g, u (T, inter) f32. silu's
     libm-free exp vectorises, which np.exp inside a Numba loop did not."""
@@ -129,18 +126,16 @@ def swiglu(g, u):
     return out
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, inline="always")
 def rmsnorm_row(x, weight, eps, out):
     """out = x / rms(x) * weight for one row, in one pass over it. Layout: x, weight, out (dim,) f32."""
-    ss = np.float32(0)
-    for j in range(x.size):
-        ss += x[j] * x[j]
+    ss = ordered_dot(x, x, x.size)
     r = np.float32(1) / np.sqrt(ss / np.float32(x.size) + np.float32(eps))
     for j in range(x.size):
         out[j] = x[j] * r * weight[j]
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=FASTMATH)
 def rmsnorm(x, weight, eps):
     """x / rms(x) * weight per row. Layout: x (T, dim) f32, weight (dim,) f32. NumPy needs seven calls for
     this, ~8 us at one token: a decode step makes 61 of them."""
@@ -150,7 +145,7 @@ def rmsnorm(x, weight, eps):
     return out
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, inline="always")
 def rope_head(x, cos, sin, out):
     """One head's rotary embedding in the HF layout (dim j paired with j + D/2). Layout: x, cos, sin, out
     (D,) f32, cos and sin the row of x's position."""
@@ -161,7 +156,7 @@ def rope_head(x, cos, sin, out):
         out[j + half] = b * cos[j + half] + a * sin[j + half]
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=FASTMATH)
 def rope(x, cos, sin):
     """Rotary embedding of every head. Layout: x (T, H, D) f32; cos and sin (T, D) f32, the rows of x's
     positions."""
@@ -172,7 +167,7 @@ def rope(x, cos, sin):
     return out
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, inline="always")
 def silu(g):
     """g / (1 + e^-g) from e = e^-|g| (<= 1, so the libm-free exp above serves): g / (1 + e) for g >= 0 and
     g e / (1 + e) below. The NumPy path's silu_mul (model/llama.py) computes the same."""
