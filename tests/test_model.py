@@ -8,8 +8,8 @@ import pytest
 from sagekit.backend import get_backend
 from sagekit.io.checkpoint import Checkpoint
 from sagekit.io.synthetic import write_random_checkpoint
-from sagekit.model.generate import generate
 from sagekit.kernels.transformer_ops import swiglu
+from sagekit.model.generate import generate
 from sagekit.model.llama import silu_mul
 from sagekit.model.load import load_model
 

@@ -334,7 +334,6 @@ def weighted_rows64(typingctx, o, o0, v, c0, p, length):
     return types.void(o, o0, v, c0, p, length), codegen
 
 
-
 @intrinsic
 def dot32(typingctx, a, b, n):
     """sum_{j < n} a[j] * b[j] for n a multiple of 32 (b None: sum a[j]), in a fixed order whatever the

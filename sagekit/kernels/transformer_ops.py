@@ -39,8 +39,8 @@ def _exp_nonpositive(x):
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
 def _row_max(row, n):
-    """max(row[:n]), n >= 1, in eight running maxima that the compiler makes one vector: a single running max
-    (or Python's max) waits on each compare, 1.6 ns a float against 0.4."""
+    """max(row[:n]), n >= 1, in eight running maxima that do not wait on each other: a single running max waits
+    on each compare (2.2 against 1.05 ns a float over 512, calls included; neither compiles to vector code)."""
     n8 = n // 8 * 8
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = row[0]
     for j in range(0, n8, 8):
