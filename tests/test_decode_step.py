@@ -17,8 +17,8 @@ from sagekit.backend import get_backend
 from sagekit.cli import app
 from sagekit.io.synthetic import write_random_checkpoint
 from sagekit.kernels import cpu, decode_step
-from sagekit.kernels.codebook_intrinsics import table_run_blocks_bf16
-from sagekit.kernels.llvm_intrinsics import AVX512_BF16
+from sagekit.kernels.codebook_intrinsics import BYTE_SLOTS, table_run_bytes
+from sagekit.kernels.llvm_intrinsics import AVX512_BF16, AVX512_VBMI
 from sagekit.model.linear import DenseLinear
 from sagekit.model.load import load_model
 
@@ -26,8 +26,8 @@ pytestmark = pytest.mark.skipif(not cpu.AVX512, reason="the level kernel's decod
 
 
 @njit
-def _bf16_lookup(acc, table, codes, c0, blocks):
-    table_run_blocks_bf16(acc, table, codes, np.int64(c0), np.int64(blocks))
+def _byte_lookup(acc, cw, x, b, d, codes, c0, blocks):
+    table_run_bytes(acc, cw, x, np.int64(b), np.int64(d), codes, np.int64(c0), np.int64(blocks))
 
 
 def _compressed(tmp_path: Path, *args: str, **config) -> Path:
@@ -66,20 +66,63 @@ def test_the_fused_step_is_the_layer_by_layer_step(tmp_path, config, args, kinds
     np.testing.assert_allclose(fused, ref, rtol=0, atol=bound * np.abs(ref).max())
 
 
-@pytest.mark.skipif(not AVX512_BF16, reason="needs AVX-512 BF16")
-@pytest.mark.parametrize("blocks", [1, 2, 7, 36])
-def test_the_bf16_lookup_adds_each_row_its_entry_rounded_to_nearest_even(blocks):
-    rng = np.random.default_rng(blocks)
-    table = (rng.standard_normal(256) * 10.0 ** rng.integers(-3, 4, 256)).astype(np.float32)
-    table[:4] = [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 2**-8 * (1 + 2**-8)]  # ties go to even
-    bits = table.view(np.uint32).astype(np.uint64)
-    rounded = (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint32) << 16).view(np.float32)
-    assert rounded[0] == 1 and rounded[1] == 1 + 2**-6 and rounded[2] == -1
+def _bf16(t: np.ndarray) -> np.ndarray:
+    """float32 rounded to bfloat16, to nearest even, as float32."""
+    bits = t.view(np.uint32).astype(np.uint64)
+    return (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint32) << 16).view(np.float32)
+
+
+def test_the_byte_lookups_slots_are_a_permutation_of_each_group():
+    assert sorted(BYTE_SLOTS) == list(range(64)) and list(BYTE_SLOTS[:4]) == [0, 16, 1, 17]
+
+
+@pytest.mark.skipif(not (AVX512_BF16 and AVX512_VBMI), reason="needs AVX-512 BF16 and VBMI")
+@pytest.mark.parametrize("blocks", [1, 2, 3, 4, 7, 36])
+@pytest.mark.parametrize("d", [1, 2, 4, 8])
+def test_the_byte_lookup_adds_each_row_its_table_entry_rounded_to_nearest_even(blocks, d):
+    """Codewords and inputs are small integers times powers of two, so every table entry is exact in float32
+    whatever the order of its sum, and the rounding to bfloat16 (of entries up to 9 bits) is what is tested."""
+    rng = np.random.default_rng(10 * blocks + d)
+    cw = (rng.integers(-300, 300, (8, 256)) * 2.0 ** rng.integers(-8, 8, (8, 1))).astype(np.float32)
+    cw[0, :3] = [257, 259, -257]  # ties go to even
+    x = rng.integers(-3, 4, 20).astype(np.float32)
+    x[5] = 1
+    table = (x[5:5 + d, None].astype(np.float64) * cw[:d]).sum(0).astype(np.float32)
+    if d == 1:
+        assert list(_bf16(table[:3])) == [256, 260, -256]
     codes = rng.integers(0, 256, 16 * blocks + 24).astype(np.uint8)
-    acc = rng.standard_normal(16 * blocks).astype(np.float32)
-    expected = acc + rounded[codes[8:8 + 16 * blocks]]
-    _bf16_lookup(acc, table, codes, 8, blocks)
-    np.testing.assert_array_equal(acc, expected)
+    acc = rng.standard_normal(64 * -(-blocks // 4)).astype(np.float32)
+    rows = np.arange(16 * blocks)
+    slots = rows // 64 * 64 + BYTE_SLOTS[rows % 64]
+    expected = acc.copy()
+    expected[slots] += _bf16(table)[codes[8:8 + 16 * blocks]]
+    _byte_lookup(acc, cw, x, 5, d, codes, 8, blocks)
+    np.testing.assert_array_equal(acc[slots], expected[slots])
+
+
+@njit
+def _runs(run, acc, cw, x, d, codes, blocks):
+    tab = np.empty(256, dtype=np.float32)
+    for j in range(codes.size // (16 * blocks)):
+        run(acc, cw, x, j * d, d, tab, codes, j * 16 * blocks, blocks)
+    return acc
+
+
+@pytest.mark.skipif(not (AVX512_BF16 and AVX512_VBMI), reason="needs AVX-512 BF16 and VBMI")
+def test_the_float32_runs_other_cpus_take_give_the_byte_runs_sums_in_row_order():
+    """_run_f32 (tables in memory, float32 entries) is what AVX-512 CPUs without BF16 or VBMI run; here it is
+    checked against the byte lookups, whose entries are rounded to bfloat16."""
+    rng, blocks, d, runs = np.random.default_rng(3), 7, 4, 36
+    cw = rng.standard_normal((d, 256)).astype(np.float32)
+    x = rng.standard_normal(d * runs).astype(np.float32)
+    codes = rng.integers(0, 256, 16 * blocks * runs).astype(np.uint8)
+    f32 = _runs(decode_step._run_f32, np.zeros(16 * blocks, np.float32), cw, x, d, codes, blocks)
+    rows = np.arange(16 * blocks)
+    slots = rows // 64 * 64 + BYTE_SLOTS[rows % 64]
+    got = _runs(decode_step._run_bytes, np.zeros(64 * 2, np.float32), cw, x, d, codes, blocks)[slots]
+    exact = sum(cw[:, codes[16 * blocks * j:16 * blocks * (j + 1)]].T @ x[d * j:d * (j + 1)] for j in range(runs))
+    np.testing.assert_allclose(f32, exact, rtol=0, atol=1e-4 * np.abs(exact).max())
+    np.testing.assert_allclose(got, exact, rtol=0, atol=2 ** -8 * np.abs(exact).max())
 
 
 def test_one_thread_and_two_give_the_same_bits(tmp_path):

@@ -4,12 +4,23 @@ holds: after editing here, clear Numba's cache.
 """
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from sagekit.kernels.llvm_intrinsics import _F16, _I8P, _I16, AVX512, AVX512_BF16, ROWS, _Loop, _vector_ptr
+from sagekit.kernels.llvm_intrinsics import (
+    _F16,
+    _I8P,
+    _I16,
+    AVX512,
+    AVX512_BF16,
+    AVX512_VBMI,
+    ROWS,
+    _Loop,
+    _vector_ptr,
+)
 
 
 def _gather16(builder, base, idx):
@@ -115,67 +126,126 @@ class _BFloat(ir.Type):
         return hash("bfloat")
 
 
+def _byte_slot(i: int) -> int:
+    """Where table_run_bytes adds row i of a 64-row group: its byte unpacking leaves row 16 k + 8 h + 2 j + o
+    (k, j < 4; h, o < 2) in slot 16 (2 h + o) + 4 k + j."""
+    k, rest = i // 16, i % 16
+    return 16 * (2 * (rest // 8) + rest % 2) + 4 * k + (rest % 8) // 2
+
+
+BYTE_SLOTS = np.array([_byte_slot(i) for i in range(64)], dtype=np.int64)  # row i of a group -> its slot
+
+
+_I32 = ir.IntType(32)
+_B64 = ir.VectorType(ir.IntType(8), 64)
+
+
+def _table_registers(builder, cw_data, x_data, b, d):
+    """T[c] = sum_{t < d} x[b + t] cw[t, c] as 16 float32 vectors (entries 16 m ..), from zero, one
+    multiply-add per term in term order. cw's rows are 256 floats."""
+    i64 = ir.IntType(64)
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F16, [_F16] * 3), "llvm.fma.v16f32")
+    terms = _Loop(builder, ir.Constant(i64, 0), d, carried=16, name="terms")
+    xt = builder.load(builder.gep(x_data, [builder.add(b, terms.i)]))
+    splat = builder.shuffle_vector(builder.insert_element(ir.Constant(_F16, None), xt, ir.Constant(_I32, 0)),
+                                   ir.Constant(_F16, None), ir.Constant(_I16, [0] * ROWS))
+    row = builder.gep(cw_data, [builder.mul(terms.i, ir.Constant(i64, 256))])
+    vectors = [builder.load(builder.bitcast(builder.gep(row, [ir.Constant(i64, ROWS * m)]), _F16.as_pointer()),
+                            align=4) for m in range(16)]
+    terms.end([builder.call(fma, [splat, v, f]) for v, f in zip(vectors, terms.values)])
+    return terms.values
+
+
+def _byte_planes(builder, floats):
+    """The 256 entries rounded to bfloat16 and split: (high, low), 4 vectors each, byte p of plane n the high
+    (low) byte of entry 64 n + p."""
+    bf32 = ir.VectorType(_BFloat(), 2 * ROWS)
+    to_bf16 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(bf32, [_F16, _F16]),
+                                             "llvm.x86.avx512bf16.cvtne2ps2bf16.512")
+    # the conversion puts its second operand's 16 values in the low lanes: word p of words[m] is entry 32 m + p
+    words = [builder.bitcast(builder.call(to_bf16, [floats[2 * m + 1], floats[2 * m]]), _B64) for m in range(8)]
+    odd, even = (ir.Constant(ir.VectorType(_I32, 64), [2 * p + o for p in range(64)]) for o in (1, 0))
+    return ([builder.shuffle_vector(words[2 * n], words[2 * n + 1], odd) for n in range(4)],
+            [builder.shuffle_vector(words[2 * n], words[2 * n + 1], even) for n in range(4)])
+
+
+def _add_group(builder, planes, idx, acc):
+    """acc[BYTE_SLOTS[i]] += entry idx[i] for the 64 codes idx: per plane two 128-entry byte lookups and a
+    blend on code bit 7, the planes interleaved into bfloat16 words, each dword's two words made float32."""
+    perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_B64, [_B64] * 3),
+                                          "llvm.x86.avx512.vpermi2var.qi.512")
+    bit7 = builder.icmp_signed("<", idx, ir.Constant(_B64, [0] * 64))
+    hi, lo = (builder.select(bit7, builder.call(perm, [p[2], idx, p[3]]), builder.call(perm, [p[0], idx, p[1]]))
+              for p in planes)
+    for h in (0, 1):  # vpunpck[lh]bw: word w of 128-bit lane k is row 16 k + 8 h + w
+        order = [16 * k + w + 64 * side + 8 * h for k in range(4) for w in range(8) for side in (0, 1)]
+        pairs = builder.bitcast(builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 64), order)), _I16)
+        halves = (builder.shl(pairs, ir.Constant(_I16, [16] * ROWS)),
+                  builder.and_(pairs, ir.Constant(_I16, [0xFFFF0000] * ROWS)))
+        for o, f in enumerate(halves):
+            pa = builder.bitcast(builder.gep(acc, [ir.Constant(ir.IntType(64), ROWS * (2 * h + o))]), _F16.as_pointer())
+            builder.store(builder.fadd(builder.load(pa, align=4), builder.bitcast(f, _F16)), pa, align=4)
+
+
+def _prefetch(builder, start, n):
+    """Ask for the n bytes from `start` into L1 (`prefetcht0` a line at a time); past an array's end is harmless."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [_I8P, _I32, _I32, _I32]),
+                                        "llvm.prefetch.p0i8")
+    lines = _Loop(builder, ir.Constant(n.type, 0), n, step=64, name="ahead")
+    builder.call(fn, [builder.gep(start, [lines.i]), *(ir.Constant(_I32, v) for v in (0, 3, 1))])  # read, L1
+    lines.end()
+
+
 @intrinsic
-def table_run_blocks_bf16(typingctx, acc, tab, codes, c0, blocks):
-    """acc[16 b + i] += bf16(tab[codes[c0 + 16 b + i]]) for every 16-row block b < blocks: the run's 256 float32
-    entries rounded to bfloat16 (to nearest even, 8 `vcvtne2ps2bf16`) and held in 8 registers, then 32 rows at a
-    time: four 64-entry `vpermi2w` lookups, a 2-level blend tree on code bits 6 and 7, and each half widened to
-    float32 (a 16-bit shift) and added to its block. Half the permutes of table_run_blocks' float32 table
-    (AVX-512 BW and BF16). Layout: codes uint8 flat, the run's codes of block b at c0 + 16 b; acc float32."""
-    if not (AVX512_BF16 and all(isinstance(a, types.Array) and a.dtype == types.float32 for a in (acc, tab))
-            and isinstance(codes, types.Array) and codes.dtype == types.uint8
-            and all(t == types.int64 for t in (c0, blocks))):
+def table_run_bytes(typingctx, acc, cw, x, b, d, codes, c0, blocks):
+    """acc[64 g + BYTE_SLOTS[i]] += bf16(T[codes[c0 + 64 g + i]]) for every row 64 g + i < 16 blocks, where
+    T[c] = sum_{t < d} x[b + t] cw[t, c]: one run of the codebook matmul for all rows.
+
+    The run's table is made in 16 registers, rounded to bfloat16 (to nearest even, `vcvtne2ps2bf16`) and split
+    into a high-byte and a low-byte plane of 4 registers each. It never goes through memory: stored and read
+    back, it cost more than its lookups. Then 64 rows at a time: per plane two 128-entry `vpermi2b` lookups
+    and a blend on code bit 7, the planes' bytes interleaved into bfloat16 words (`vpunpck[lh]bw`), and each
+    dword's two words made float32 by a shift and a mask. A byte permute is one micro-op where a word permute is
+    three. The rows leave the unpacking permuted within each group (BYTE_SLOTS); readers undo that once per
+    product. While the table is made, the next run's codes are prefetched (6% of a decode step).
+
+    Layout: cw float32 (terms, 256) C-contiguous, codeword c's term t at [t, c]; codes uint8 flat, the run's
+    codes of rows 0, 1, ... at c0 and the next run's after them (a partial last group is read with a mask);
+    acc float32, 64 ceil(blocks / 4) slots. Needs AVX-512 VBMI and BF16."""
+    arrays = (acc, cw, x, codes)
+    if not (AVX512_VBMI and AVX512_BF16 and all(isinstance(a, types.Array) for a in arrays)
+            and [a.dtype for a in arrays] == [types.float32] * 3 + [types.uint8]
+            and cw.ndim == 2 and cw.layout == "C" and all(t == types.int64 for t in (b, d, c0, blocks))):
         return None
 
     def codegen(context, builder, sig, args):
-        acc_v, tab_v, codes_v, c0_v, blocks_v = args
-        i64, i32 = ir.IntType(64), ir.IntType(32)
-        w32 = ir.VectorType(ir.IntType(16), 2 * ROWS)
-        acc_data = context.make_array(sig.args[0])(context, builder, acc_v).data
-        tab_data = context.make_array(sig.args[1])(context, builder, tab_v).data
-        codes_data = context.make_array(sig.args[2])(context, builder, codes_v).data
-        floats = [builder.load(builder.bitcast(builder.gep(tab_data, [ir.Constant(i64, ROWS * m)]),
-                                               _F16.as_pointer()), align=4) for m in range(16)]
-        bf32 = ir.VectorType(_BFloat(), 2 * ROWS)
-        to_bf16 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(bf32, [_F16, _F16]),
-                                                 "llvm.x86.avx512bf16.cvtne2ps2bf16.512")
-        # the intrinsic puts its second operand's 16 values in the low lanes
-        regs = [builder.bitcast(builder.call(to_bf16, [floats[2 * m + 1], floats[2 * m]]), w32) for m in range(8)]
-        perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(w32, [w32, w32, w32]),
-                                              "llvm.x86.avx512.vpermi2var.hi.512")
-        low, high = ir.Constant(_I16, list(range(ROWS))), ir.Constant(_I16, list(range(ROWS, 2 * ROWS)))
+        acc_data, cw_data, x_data, codes_data = (context.make_array(sig.args[i])(context, builder, args[i]).data
+                                                 for i in (0, 1, 2, 5))
+        b_v, d_v, c0_v, blocks_v = args[3], args[4], args[6], args[7]
+        i64 = ir.IntType(64)
+        rows = builder.mul(blocks_v, ir.Constant(i64, ROWS))
+        _prefetch(builder, builder.gep(codes_data, [builder.add(c0_v, rows)]), rows)
+        planes = _byte_planes(builder, _table_registers(builder, cw_data, x_data, b_v, d_v))
 
-        def lookup(idx):
-            picks = [builder.call(perm, [regs[2 * m], idx, regs[2 * m + 1]]) for m in range(4)]
-            for bit in (64, 128):
-                on = builder.icmp_unsigned("!=", builder.and_(idx, ir.Constant(w32, [bit] * 2 * ROWS)),
-                                           ir.Constant(w32, [0] * 2 * ROWS))
-                picks = [builder.select(on, hi, lo) for lo, hi in zip(picks[0::2], picks[1::2])]
-            return picks[0]
+        def group(g, idx):
+            _add_group(builder, planes, idx, builder.gep(acc_data, [builder.mul(g, ir.Constant(i64, 64))]))
 
-        def add(b, bits16, lanes):
-            half = builder.shuffle_vector(bits16, bits16, lanes)
-            wide = builder.shl(builder.zext(half, _I16), ir.Constant(_I16, [16] * ROWS))
-            pa = builder.bitcast(builder.gep(acc_data, [builder.mul(b, ir.Constant(i64, ROWS))]), _F16.as_pointer())
-            builder.store(builder.fadd(builder.load(pa, align=4), builder.bitcast(wide, _F16)), pa, align=4)
+        def codes_ptr(g):
+            at = builder.gep(codes_data, [builder.add(c0_v, builder.mul(g, ir.Constant(i64, 64)))])
+            return builder.bitcast(at, _B64.as_pointer())
 
-        def codes_at(b, n):
-            ptr = builder.gep(codes_data, [builder.add(c0_v, builder.mul(b, ir.Constant(i64, ROWS)))])
-            return builder.zext(builder.load(builder.bitcast(ptr, ir.VectorType(ir.IntType(8), n).as_pointer()),
-                                             align=1), ir.VectorType(ir.IntType(16), n))
-
-        pairs = builder.sdiv(blocks_v, ir.Constant(i64, 2))
-        loop = _Loop(builder, ir.Constant(i64, 0), pairs, name="bf16run")
-        b = builder.mul(loop.i, ir.Constant(i64, 2))
-        picked = lookup(codes_at(b, 2 * ROWS))
-        add(b, picked, low)
-        add(builder.add(b, ir.Constant(i64, 1)), picked, high)
+        full = builder.sdiv(blocks_v, ir.Constant(i64, 4))
+        loop = _Loop(builder, ir.Constant(i64, 0), full, name="byterun")
+        group(loop.i, builder.load(codes_ptr(loop.i), align=1))
         loop.end()
-        odd = builder.icmp_signed("!=", builder.mul(pairs, ir.Constant(i64, 2)), blocks_v)
-        with builder.if_then(odd):  # the last block alone: its 16 codes, the upper lanes unused
-            last = builder.sub(blocks_v, ir.Constant(i64, 1))
-            c16 = codes_at(last, ROWS)
-            idx = builder.shuffle_vector(c16, c16, ir.Constant(ir.VectorType(i32, 2 * ROWS), list(range(ROWS)) * 2))
-            add(last, lookup(idx), low)
+        rest = builder.sub(rows, builder.mul(full, ir.Constant(i64, 64)))
+        with builder.if_then(builder.icmp_signed(">", rest, ir.Constant(i64, 0))):  # 16, 32 or 48 rows left
+            mask = builder.bitcast(builder.sub(builder.shl(ir.Constant(i64, 1), rest), ir.Constant(i64, 1)),
+                                   ir.VectorType(ir.IntType(1), 64))
+            masked = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_B64, [_B64.as_pointer(), _I32, mask.type, _B64]),
+                "llvm.masked.load.v64i8.p0v64i8")
+            zeros = ir.Constant(_B64, [0] * 64)
+            group(full, builder.call(masked, [codes_ptr(full), ir.Constant(_I32, 1), mask, zeros]))
 
-    return types.void(acc, tab, codes, c0, blocks), codegen
+    return types.void(acc, cw, x, b, d, codes, c0, blocks), codegen

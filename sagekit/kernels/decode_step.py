@@ -36,11 +36,11 @@ from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
 from sagekit.kernels.barrier import meet
-from sagekit.kernels.codebook_intrinsics import table_run_blocks, table_run_blocks_bf16
+from sagekit.kernels.codebook_intrinsics import BYTE_SLOTS, table_run_blocks, table_run_bytes
 from sagekit.kernels.codebook_matmul import table_run
 from sagekit.kernels.fastmath import FASTMATH
 from sagekit.kernels.level_matmul import level_block16
-from sagekit.kernels.llvm_intrinsics import AVX512_BF16, ROWS
+from sagekit.kernels.llvm_intrinsics import AVX512_BF16, AVX512_VBMI, ROWS
 from sagekit.kernels.transformer_ops import attend_head, rmsnorm_row, rope_head, silu
 
 MATRICES = ("q", "k", "v", "o", "gate", "up", "down")  # a layer's products, in the order of meta's rows
@@ -134,29 +134,42 @@ def _rotated(m, x, meta, at, tmp, rx, part, n_parts):
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
-def _run_lookup_f32(acc, tab, codes, c0, blocks):
-    """table_run_blocks_bf16 without the rounding, for AVX-512 CPUs without BF16."""
+def _run_f32(acc, cw, rx, b, d, tab, codes, c0, blocks):
+    """_run_bytes without the rounding, for AVX-512 CPUs without BF16 or VBMI: the table made in `tab`, the rows
+    in their own order."""
+    table_run(rx, b, cw, d, tab)
     table_run_blocks(acc, tab, 0, codes, c0, ROWS, blocks)
 
 
-_run_lookup = table_run_blocks_bf16 if AVX512_BF16 else _run_lookup_f32
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _run_bytes(acc, cw, rx, b, d, tab, codes, c0, blocks):
+    table_run_bytes(acc, cw, rx, b, d, codes, c0, blocks)
+
+
+BYTES = AVX512_BF16 and AVX512_VBMI
+_run = _run_bytes if BYTES else _run_f32
+
+
+@njit(cache=True, inline="always")
+def _slot(r):
+    """Where _run adds row r's sums: table_run_bytes permutes the rows of each 64-row group."""
+    return (r & -64) | BYTE_SLOTS[r & 63] if BYTES else r
 
 
 @njit(cache=True, fastmath=FASTMATH)
 def _book_partial(m, rx, acc, tab, meta, at, part, n_parts):
     """acc[r] = sum over this thread's runs j of codebook matrix m of T_j[code of row r's run j], unscaled, every
-    row: each run's table T_j = codewords . rx[jD : jD + D] is made in `tab` (256 floats, in L1) and read at once
-    for all rows, rounded to bfloat16 in registers where the CPU has AVX-512 BF16 (table_run_blocks_bf16: half
-    the permutes of float32 entries). Split by runs, a thread reads only the tables it made: split by rows, each read
-    the other's tables across the cores, and two threads ran no faster than one."""
+    row (at _slot(r)): each run's table T_j = codewords . rx[jD : jD + D] is made and read at once for all rows,
+    in registers and rounded to bfloat16 where the CPU has AVX-512 BF16 and VBMI (table_run_bytes), else in
+    `tab` (256 floats, in L1). Split by runs, a thread reads only the tables it made: split by rows, each read the
+    other's tables across the cores, and two threads ran no faster than one."""
     out, runs, d = meta[m, 0], meta[m, 1], meta[m, 2]
     blocks = (out + ROWS - 1) // ROWS
-    acc[:blocks * ROWS] = 0
+    acc[:(blocks + 3) // 4 * 4 * ROWS] = 0  # whole 64-row groups: table_run_bytes adds to all of the last one
     c, cw = carray(_u8_at(at[m, 0]), meta[m, 7]), carray(_f32_at(at[m, 1]), (meta[m, 8], meta[m, 6]))
     j0, j1 = _share(runs, part, n_parts)
     for run in range(j0, j1):
-        table_run(rx, run * d, cw, d, tab)
-        _run_lookup(acc, tab, c, run * blocks * ROWS, blocks)
+        _run(acc, cw, rx, run * d, d, tab, c, run * blocks * ROWS, blocks)
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
@@ -188,10 +201,10 @@ def _product(m, rx, y, partials, meta, at, part, n_parts):
             level_block16(y, blk * ROWS, c, blk * chunks * bits * ROWS, chunks, table, rx, np.int64(0), bits)
     else:
         for r in range(r0, r1):
-            y[r] = partials[0, r]
+            y[r] = partials[0, _slot(r)]
         for t in range(1, n_parts):
             for r in range(r0, r1):
-                y[r] += partials[t, r]
+                y[r] += partials[t, _slot(r)]
     scale = carray(_f32_at(at[m, 2]), out)
     for r in range(r0, r1):
         y[r] *= scale[r]

@@ -22,20 +22,24 @@ from numba.extending import intrinsic
 ROWS = 16  # lanes per vector: 16 rows' plane words / accumulators, or 16 tokens in the salient pass
 
 
+def _has(feature: str) -> bool:
+    """Whether the kernels are built for a CPU with this LLVM feature: the host's, or, where Numba targets a
+    named CPU, only the features given with it."""
+    if numba.config.CPU_NAME:
+        return f"+{feature}" in (numba.config.CPU_FEATURES or "")
+    return f"+{feature}" in llvm_binding.get_host_cpu_features().flatten()
+
+
 def _use_avx512() -> bool:
     """Whether the compiled kernels may use AVX-512. SAGEKIT_NO_AVX512=1 forces the portable lookup; set
     it with a fresh NUMBA_CACHE_DIR, since Numba's cache does not know about it."""
-    if os.environ.get("SAGEKIT_NO_AVX512"):
-        return False
-    if numba.config.CPU_NAME:  # Numba targets a named CPU: trust only features given with it
-        return "+avx512f" in (numba.config.CPU_FEATURES or "")
-    return "+avx512f" in llvm_binding.get_host_cpu_features().flatten()
+    return not os.environ.get("SAGEKIT_NO_AVX512") and _has("avx512f")
 
 
 AVX512 = _use_avx512()
-# bfloat16 conversion (the fused decode step's codebook tables, codebook_intrinsics.table_run_blocks_bf16)
-AVX512_BF16 = AVX512 and "+avx512bf16" in ((numba.config.CPU_FEATURES or "") if numba.config.CPU_NAME
-                                           else llvm_binding.get_host_cpu_features().flatten())
+# bfloat16 conversion and byte permutes (the fused decode step's codebook tables, codebook_intrinsics.table_run_bytes)
+AVX512_BF16 = AVX512 and _has("avx512bf16")
+AVX512_VBMI = AVX512 and _has("avx512vbmi")
 _F16 = ir.VectorType(ir.FloatType(), ROWS)
 _I16 = ir.VectorType(ir.IntType(32), ROWS)
 _I8P = ir.IntType(8).as_pointer()
