@@ -20,6 +20,7 @@ from sagekit.kernels import cpu, decode_step
 from sagekit.kernels.codebook_intrinsics import BYTE_SLOTS, table_run_bytes
 from sagekit.kernels.llvm_intrinsics import AVX512_BF16, AVX512_VBMI
 from sagekit.model.linear import DenseLinear
+from sagekit.model.llama import STEPWISE_TOKENS
 from sagekit.model.load import load_model
 
 pytestmark = pytest.mark.skipif(not cpu.AVX512, reason="the level kernel's decode needs AVX-512")
@@ -134,6 +135,27 @@ def test_one_thread_and_two_give_the_same_bits(tmp_path):
         plan.threads = n
         runs.append(_decode(model, tokens, 12))
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("n", [2, STEPWISE_TOKENS, STEPWISE_TOKENS + 1])
+def test_a_short_prompt_runs_through_the_fused_step_a_token_at_a_time(tmp_path, monkeypatch, n):
+    """Prompts up to STEPWISE_TOKENS take the fused step per token; every position's logits match the batched
+    layer-by-layer pass, and so does the cache the next token reads."""
+    model = load_model(_compressed(tmp_path, "--bits", "3"), get_backend("cpu"), 64)
+    tokens = np.arange(4, 5 + n) % model.config.vocab_size
+    plan_type, steps = type(model.decode_plan), []
+    call = plan_type.__call__
+
+    def counted(plan, h, state, start):
+        steps.append(start)
+        return call(plan, h, state, start)
+
+    monkeypatch.setattr(plan_type, "__call__", counted)
+    fused = np.concatenate([model.forward(tokens[:n], 0), model.forward(tokens[n:], n)])
+    assert steps == (list(range(n + 1)) if n <= STEPWISE_TOKENS else [n])
+    model.decode_plan = None
+    ref = np.concatenate([model.forward(tokens[:n], 0), model.forward(tokens[n:], n)])
+    np.testing.assert_allclose(fused, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
 def test_a_layer_swapped_after_loading_runs_layer_by_layer(tmp_path):
