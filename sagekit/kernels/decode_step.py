@@ -143,6 +143,7 @@ def _run_f32(acc, cw, rx, b, d, tab, codes, c0, blocks):
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
 def _run_bytes(acc, cw, rx, b, d, tab, codes, c0, blocks):
+    """table_run_bytes with _run_f32's arguments: its table stays in registers, so `tab` goes unused."""
     table_run_bytes(acc, cw, rx, b, d, codes, c0, blocks)
 
 
