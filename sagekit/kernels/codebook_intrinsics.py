@@ -1,6 +1,7 @@
 """LLVM IR of the codebook matmul's lookups (codebook_matmul.py): a 16-row table gather per run, and with
-AVX-512 a run's 256-entry table held in registers. Built on llvm_intrinsics' helpers; the same cache caveat
-holds: after editing here, clear Numba's cache.
+AVX-512 a run's 256-entry table held in registers; for the fused decode step (decode_step.py), the table made
+in registers as bfloat16 byte planes and looked up with byte permutes (AVX-512 BF16 and VBMI). Built on
+llvm_intrinsics' helpers; the same cache caveat holds: after editing here, clear Numba's cache.
 """
 from __future__ import annotations
 
