@@ -33,18 +33,15 @@ from sagekit.model.load import load_model
 folder, n, repeats, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 model = load_model(folder, get_backend("cpu"), n + steps)
 tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, n + steps)
-def run():
-    model.forward(tokens[:n], 0, last_only=True)
+def run():  # (prefill seconds, decode seconds)
     t0 = time.perf_counter()
+    model.forward(tokens[:n], 0, last_only=True)
+    t1 = time.perf_counter()
     for i in range(n, n + steps):
         model.forward(tokens[i:i + 1], i, last_only=True)
-    return time.perf_counter() - t0
+    return t1 - t0, time.perf_counter() - t1
 run()
-times = []
-for _ in range(repeats):
-    t0 = time.perf_counter()
-    decode = run()
-    times.append(decode if steps else time.perf_counter() - t0)
+times = [run()[1 if steps else 0] for _ in range(repeats)]
 print(sagekit.__file__, (steps or n) / min(times))
 """
 STEPS = {"prefill": 0, "decode": 64}
