@@ -236,18 +236,20 @@ def load(path: str | Path | None = None, device: str = "auto", context_length: i
     from sagekit.backend import get_backend
     from sagekit.format.config import LlamaConfig
     from sagekit.io.demo import resolve_model
-    from sagekit.model.load import load_model
+    from sagekit.model.load import load_model, start_kernels
     from sagekit.model.tokenizer import load_tokenizer
 
     path = resolve_model(None if path is None else str(path))
     folder = path if path.is_dir() else path.parent
+    backend = get_backend(device)
+    start_kernels(backend)  # before the tokenizer's memory too (load_model would do it after)
     tokenizer = load_tokenizer(folder)
     config = LlamaConfig.load(folder / "config.json")
     ctx = context_length or min(config.max_seq_len, config.sliding_window or config.max_seq_len)
     config.check_context(ctx)
     if not 1 < ctx <= config.max_seq_len:
         raise SagekitError(f"context_length must be from 2 to the model's {config.max_seq_len}, not {ctx}")
-    llm = load_model(path, get_backend(device), min(ctx, CACHE_STEP))
+    llm = load_model(path, backend, min(ctx, CACHE_STEP))
     return Model(path, llm, tokenizer, load_chat_template(folder), stop_token_ids(folder, config, tokenizer), ctx)
 
 
