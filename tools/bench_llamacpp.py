@@ -6,7 +6,9 @@ and llama-quantize in a temporary folder from the llama.cpp source inside the ll
 from its shipped Q4_1 (`llama-quantize --allow-requantize`), then alternates, round by round:
   * llama-bench on Q4_1 and Q4_0: pp512, tg128, and tg128 at depth 512 (`-d 512`), flash attention off and on;
   * `sagekit bench FOLDER --json --device cpu` on each compressed folder given (its decode from an empty
-    cache, decode after a 512-token prompt, and the 512-token prefill).
+    cache, decode after a 512-token prompt, and the 512-token prefill);
+  * the peak resident memory (`rss128`, MiB) of a 128-token generation: `llama-bench -p 0 -n 128` and
+    `sagekit generate FOLDER -n 128` from a 5-token prompt, read from the kernel's accounting of that child.
 Both get 2 threads. Medians over rounds; the load average is recorded before and after every run, because
 timings on a busy machine mean nothing (llama.cpp's threads collapse under contention).
 
@@ -67,8 +69,18 @@ def loadavg() -> float:
     return os.getloadavg()[0]
 
 
+def peak_rss_mib(cmd: list[str]) -> float:
+    """Peak resident memory of one run of cmd, in MiB (ru_maxrss of that child alone, as /usr/bin/time -v)."""
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        sys.exit(f"error: {' '.join(cmd[:4])} ... exited {os.waitstatus_to_exitcode(status)}")
+    return usage.ru_maxrss / 1024
+
+
 def llama_bench(binary: Path, gguf: Path, fa: int) -> dict[str, float]:
-    """tokens/s of pp512, tg128 and tg128 at depth 512 (one repetition each: the rounds repeat)."""
+    """tokens/s of pp512, tg128 and tg128 at depth 512 (one repetition each: the rounds repeat), and the peak
+    memory of a tg128 run."""
     rows = json.loads(run([str(binary), "-m", str(gguf), "-t", str(THREADS), "-p", "512", "-n", "128",
                            "-d", "0,512", "-r", "1", "-fa", str(fa), "-o", "json"]))
     speeds = {}
@@ -76,6 +88,8 @@ def llama_bench(binary: Path, gguf: Path, fa: int) -> dict[str, float]:
         kind = "pp512" if r["n_prompt"] else "tg128"
         depth = r.get("n_depth", 0)
         speeds[kind if depth == 0 else f"{kind}@d{depth}"] = float(r["avg_ts"])
+    speeds["rss128"] = peak_rss_mib([str(binary), "-m", str(gguf), "-t", str(THREADS), "-p", "0", "-n", "128",
+                                     "-r", "1", "-fa", str(fa)])
     return speeds
 
 
@@ -83,8 +97,10 @@ def sagekit_bench(folder: Path) -> dict[str, float]:
     """sagekit's decode (empty cache and at depth 512) and 512-token prefill of a compressed folder."""
     r = json.loads(run([sys.executable, "-m", "sagekit", "bench", str(folder), "--json", "--device", "cpu",
                         "--rounds", "1", "--repeats", "3"]))
+    rss = peak_rss_mib([sys.executable, "-m", "sagekit", "generate", str(folder), "--prompt", "The capital of France is",
+                        "-n", "128", "--temperature", "0", "--device", "cpu"])
     return {"tg128": r["decode_tok_s"], "tg128@d512": r["decode_depth_tok_s"], "pp512": r["prefill_tok_s"],
-            "dense tg128": r["dense_decode_tok_s"]}
+            "dense tg128": r["dense_decode_tok_s"], "rss128": rss}
 
 
 def main() -> None:
@@ -123,7 +139,7 @@ def main() -> None:
                 rounds.append({"round": i, "run": name, "load_before": before, "load_after": loadavg(),
                                "start": time.strftime("%H:%M:%S", time.gmtime(t0)), **speeds})
                 print(json.dumps(rounds[-1]), file=sys.stderr, flush=True)
-    keys = ["tg128", "tg128@d512", "pp512"]
+    keys = ["tg128", "tg128@d512", "pp512", "rss128"]
     print(f"llama-cpp-python {version} (llama.cpp source inside its sdist), {THREADS} threads, "
           f"{args.rounds} alternating rounds, medians; load average {min(r['load_before'] for r in rounds):.2f}"
           f" to {max(r['load_after'] for r in rounds):.2f}\n")
