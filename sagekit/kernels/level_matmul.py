@@ -31,6 +31,7 @@ CHUNK = 32  # columns per chunk: B words of 16 lanes hold a 16-row block's codes
 TABLE_MAX_TOKENS = 3  # from 4 tokens on, decoding row tiles for BLAS costs less than a lookup per weight
 PARALLEL_MIN_WEIGHTS = 1 << 21  # smaller products run on the calling thread, as the other kernels' do
 PREPARE_ROWS = 1024  # rows re-laid at a time at load (a multiple of 16)
+ACCUMULATORS = 4  # a zmm multiply-add's latency (4 cycles) over its issue interval (1 per cycle)
 
 
 def split(bits: int) -> tuple[int, int]:
@@ -104,8 +105,8 @@ def level_block16(typingctx, acc, a0, codes, c0, chunks, table, x, x0, bits):
 
     Layout: codes as LevelCPU.codes, the block's words from c0, `chunks` chunks of B words of 16 lanes;
     table float32 (16,) or (32,) as LevelCPU.table; x float32 flat, the token's inputs from x0, zero past
-    `in`; bits 2..5 picks one of four bodies, each unrolled over a chunk's 32 columns. Two accumulators take
-    alternate columns so a multiply-add does not wait on the one before it. AVX-512 only."""
+    `in`; bits 2..5 picks one of four bodies, each unrolled over a chunk's 32 columns. ACCUMULATORS take the
+    columns in turn, so a multiply-add waits on none of the 3 before it. AVX-512 only."""
     if not (AVX512 and all(isinstance(a, types.Array) and a.dtype == types.float32 for a in (acc, table, x))
             and isinstance(codes, types.Array) and codes.dtype == types.uint32
             and all(t == types.int64 for t in (a0, c0, chunks, x0, bits))):
@@ -144,7 +145,7 @@ def _level_body(builder, data, c0_v, chunks_v, x0_v, n_bits):
     ternlog = cgutils.get_or_insert_function(module, ir.FunctionType(_I16, [_I16] * 3 + [ir.IntType(32)]),
                                              "llvm.x86.avx512.pternlog.d.512")
     splat_i = lambda v: ir.Constant(_I16, [v] * ROWS)
-    loop = _Loop(builder, ir.Constant(i64, 0), chunks_v, carried=2, name=f"levels{n_bits}")
+    loop = _Loop(builder, ir.Constant(i64, 0), chunks_v, carried=ACCUMULATORS, name=f"levels{n_bits}")
     k, accs = loop.i, list(loop.values)
     base = builder.add(c0_v, builder.mul(k, ir.Constant(i64, n_bits * ROWS)))
     xk = builder.add(x0_v, builder.mul(k, ir.Constant(i64, CHUNK)))
@@ -167,10 +168,14 @@ def _level_body(builder, data, c0_v, chunks_v, x0_v, n_bits):
                 idx = builder.call(ternlog, [field, top, mask, ir.Constant(ir.IntType(32), 0xE4)])
                 top = builder.call(rotr, [top, top, splat_i(1)])
             xc = builder.load(builder.gep(data[6], [builder.add(xk, ir.Constant(i64, c))]))
-            accs[c % 2] = builder.call(fma, [lookup(idx), _splat(builder, xc), accs[c % 2]])
+            a = c % ACCUMULATORS
+            accs[a] = builder.call(fma, [lookup(idx), _splat(builder, xc), accs[a]])
             field = builder.lshr(field, splat_i(low))
     loop.end(accs)
-    return builder.fadd(loop.values[0], loop.values[1])
+    sums = loop.values
+    while len(sums) > 1:  # pairwise, in a fixed order
+        sums = [builder.fadd(sums[i], sums[i + 1]) for i in range(0, len(sums), 2)]
+    return sums[0]
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
