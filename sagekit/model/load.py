@@ -88,7 +88,8 @@ def load_model(path: str | Path, backend: Backend, max_seq_len: int, kernels: bo
     start_kernels(backend)
     with Checkpoint(path) as ckpt:
         c = ckpt.config
-        layers = [load_layer(ckpt, i, backend, kernels) for i in range(c.n_layers)]
+        # the embedding and the head before the layers: re-laying a packed head holds the file's codes and the
+        # kernel's words at once (17 MiB each for the demo's), which on top of every layer set the peak
         embed = load_embedding(ckpt, backend)
         half = ckpt.quantization is not None and not backend.is_gpu  # FP16 stays FP16, as the embedding
         if c.tie_embeddings and isinstance(embed, GridEmbedding):
@@ -99,5 +100,6 @@ def load_model(path: str | Path, backend: Backend, max_seq_len: int, kernels: bo
             lm_head = HalfLinear(ckpt.float16(f"{HEAD}.weight"))
         else:
             lm_head = _linear(ckpt, HEAD, backend, kernels)
+        layers = [load_layer(ckpt, i, backend, kernels) for i in range(c.n_layers)]
         weights = Weights(embed, layers, _vector(ckpt, f"{FINAL_NORM}.weight", backend), lm_head)
         return Llama(c, backend, weights, max_seq_len)
