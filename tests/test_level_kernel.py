@@ -42,14 +42,15 @@ def test_a_product_past_the_serial_threshold_runs_on_threads_and_agrees(bits):
 
 
 def test_codes_sit_in_the_layout_the_kernel_reads():
-    """5 bits: column c of chunk 0 has its low nibble in word c // 8 at bits 4 (c % 8), its top bit in word 4
-    at bit c; lane = row within the block of 16."""
+    """5 bits: column c of a chunk has its code at bits 5 c of the chunk's 5 words read as one 160-bit string;
+    column 6's straddles words 0 and 1; lane = row within the block of 16."""
     idx = np.zeros((2, 40), dtype=np.uint8)
-    idx[1, 9], idx[1, 33] = 0b10110, 0b00011
+    idx[1, 6], idx[1, 9], idx[1, 33] = 0b11101, 0b10110, 0b00011
     w = cpu.prepare_levels(pack_grid(idx, np.ones(2), np.arange(32) - 15.5, None))
     words = w.codes.reshape(1, 2, 5, 16)  # (blocks, chunks, words, lanes)
-    assert words[0, 0, 1, 1] == 0b0110 << 4 and words[0, 0, 4, 1] == 1 << 9
-    assert words[0, 1, 0, 1] == 0b0011 << 4 and words[0, 1, 4, 1] == 0
+    assert words[0, 0, 0, 1] == 0b01 << 30  # column 6, bits 30-31: its low two bits
+    assert words[0, 0, 1, 1] == (0b10110 << 13) | 0b111  # column 9 at bit 45; column 6's top three bits
+    assert words[0, 1, 0, 1] == 0b00011 << 5  # chunk 1, column 1
     assert np.count_nonzero(words) == 3
 
 

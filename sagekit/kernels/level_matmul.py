@@ -3,11 +3,12 @@ W_hat[r, c] = scale[r] * levels[code[r, c]], for B = 2 to 5 bit codes and any 2^
 
 The `sage` LUT kernel needs levels mirrored about 0, and the codebook kernel holds a byte per run of 8 // B
 weights (8 bits a weight at 5 bits); a 3- to 5-bit grid with free levels (the recipe's default, and the packed
-lm_head) ran from an FP16 copy, 2 bytes a weight. Here each code stays B bits in memory, laid out so 16 rows sit side by side in one
-vector: per column, a shift (and, for 3 and 5 bits, a rotate and a bit-select) puts the 16 rows' codes in the
-low bits of 16 lanes, one `vpermps` (`vpermt2ps` for 32 levels) turns them into level values, and one
-multiply-add by the broadcast x[c] accumulates them: 3 to 5 vector instructions per 16 weights, no table
-to build per token. Prefill decodes rows into tiles for BLAS (tiles.py), as the codebook kernel does.
+lm_head) ran from an FP16 copy, 2 bytes a weight. Here each code stays B bits in memory, laid out so 16 rows sit
+side by side in one vector: per column, one shift (a funnel shift where a 3- or 5-bit code straddles two words)
+puts the 16 rows' codes in the low bits of 16 lanes, one `vpermps` (`vpermt2ps` for 32 levels) turns them into
+level values, and one multiply-add by the broadcast x[c] accumulates them: 3 vector instructions per 16
+weights at any B, no table to build per token. Prefill decodes rows into tiles for BLAS (tiles.py), as the
+codebook kernel does.
 """
 
 from __future__ import annotations
@@ -34,21 +35,14 @@ PREPARE_ROWS = 1024  # rows re-laid at a time at load (a multiple of 16)
 ACCUMULATORS = 4  # a zmm multiply-add's latency (4 cycles) over its issue interval (1 per cycle)
 
 
-def split(bits: int) -> tuple[int, int]:
-    """(low, high) bits of a code: the low field packed 32 // low columns to a lane word, the high one a
-    column per bit (2 -> (2, 0), 3 -> (2, 1), 4 -> (4, 0), 5 -> (4, 1))."""
-    low = 4 if bits >= 4 else 2
-    return low, bits - low
-
-
 @dataclass(frozen=True)
 class LevelCPU:
     """A free-level grid matrix re-laid once at load time for the kernel."""
 
     # uint32 flat (blocks, chunks, B, 16), blocks = ceil(out / 16), chunks = ceil(in / 32): for block b's
-    # row 16 b + i and chunk k, word w < low is [((b * chunks + k) * B + w) * 16 + i], the low fields of
-    # columns 32 k + w (32 // low) + j at bits j low...; word `low` (3 and 5 bits) holds the top code bit of
-    # column 32 k + j at bit j. Rows past `out` and columns past `in` hold code 0.
+    # row 16 b + i and chunk k, word w is [((b * chunks + k) * B + w) * 16 + i]. The chunk's B words, read as one
+    # little-endian string of 32 B bits, hold column 32 k + c's code at bits B c .. B c + B - 1 (at 3 and 5 bits
+    # some codes straddle two words). Rows past `out` and columns past `in` hold code 0.
     codes: np.ndarray
     table: np.ndarray  # float32 (16,) or (32,): the levels, repeated so the permute may read junk high bits
     levels: np.ndarray  # float32 (2^B,)
@@ -83,19 +77,16 @@ def prepare_levels(p: PackedGrid) -> LevelCPU:
 
 def _lane_words(indices: np.ndarray, bits: int, chunks: int) -> np.ndarray:
     """uint32 (blocks, chunks, B, 16) of LevelCPU's layout for uint8 (rows, in) level indices."""
-    low, high = split(bits)
     blocks = -(-indices.shape[0] // ROWS)
     idx = np.zeros((blocks * ROWS, chunks * CHUNK), dtype=np.uint32)
     idx[: indices.shape[0], : indices.shape[1]] = indices
     idx = idx.reshape(blocks, ROWS, chunks, CHUNK).transpose(0, 2, 1, 3)  # (blocks, chunks, 16, 32)
     words = np.zeros((blocks, chunks, bits, ROWS), dtype=np.uint32)
-    per_word = CHUNK // low
-    for w in range(low):
-        for j in range(per_word):
-            words[:, :, w] |= (idx[..., w * per_word + j] & ((1 << low) - 1)) << (low * j)
-    if high:
-        for j in range(CHUNK):
-            words[:, :, low] |= (idx[..., j] >> low) << j
+    for c in range(CHUNK):
+        w, shift = divmod(bits * c, 32)
+        words[:, :, w] |= idx[..., c] << shift  # bits past 32 fall off here, and the next word takes them
+        if shift + bits > 32:
+            words[:, :, w + 1] |= idx[..., c] >> (32 - shift)
     return words
 
 
@@ -128,7 +119,6 @@ def level_block16(typingctx, acc, a0, codes, c0, chunks, table, x, x0, bits):
 def _level_body(builder, data, c0_v, chunks_v, x0_v, n_bits):
     """IR of level_block16 for B = n_bits: the loop over chunks; returns the 16 sums."""
     i64 = ir.IntType(64)
-    low, high = split(n_bits)
     tab = [builder.load(builder.bitcast(builder.gep(data[5], [ir.Constant(i64, 16 * h)]), _F16.as_pointer()),
                         align=4) for h in range(2 if n_bits == 5 else 1)]
     module = builder.module
@@ -136,41 +126,28 @@ def _level_body(builder, data, c0_v, chunks_v, x0_v, n_bits):
         perm = cgutils.get_or_insert_function(module, ir.FunctionType(_F16, [_F16, _I16, _F16]),
                                               "llvm.x86.avx512.vpermi2var.ps.512")
         lookup = lambda idx: builder.call(perm, [tab[0], idx, tab[1]])
-    else:  # vpermps: the low 4 index bits; the table repeats the levels, so bits past B do not matter
+    else:  # vpermps: the low 4 index bits; the table repeats the levels, so the next code's bits do not matter
         perm = cgutils.get_or_insert_function(module, ir.FunctionType(_F16, [_F16, _I16]),
                                               "llvm.x86.avx512.permvar.sf.512")
         lookup = lambda idx: builder.call(perm, [tab[0], idx])
     fma = cgutils.get_or_insert_function(module, ir.FunctionType(_F16, [_F16] * 3), "llvm.fmuladd.v16f32")
-    rotr = cgutils.get_or_insert_function(module, ir.FunctionType(_I16, [_I16] * 3), "llvm.fshr.v16i32")
-    ternlog = cgutils.get_or_insert_function(module, ir.FunctionType(_I16, [_I16] * 3 + [ir.IntType(32)]),
-                                             "llvm.x86.avx512.pternlog.d.512")
+    fshr = cgutils.get_or_insert_function(module, ir.FunctionType(_I16, [_I16] * 3), "llvm.fshr.v16i32")
     splat_i = lambda v: ir.Constant(_I16, [v] * ROWS)
     loop = _Loop(builder, ir.Constant(i64, 0), chunks_v, carried=ACCUMULATORS, name=f"levels{n_bits}")
     k, accs = loop.i, list(loop.values)
     base = builder.add(c0_v, builder.mul(k, ir.Constant(i64, n_bits * ROWS)))
     xk = builder.add(x0_v, builder.mul(k, ir.Constant(i64, CHUNK)))
-
-    def word(w):
-        ptr = builder.gep(data[2], [builder.add(base, ir.Constant(i64, w * ROWS))])
-        return builder.load(builder.bitcast(ptr, _I16.as_pointer()), align=4)
-
-    if high:  # the top bit of column j reaches bit `low` by a left rotate, then one right rotate a column
-        top = word(low)
-        top = builder.call(rotr, [top, top, splat_i(32 - low)])
-    per_word, mask = CHUNK // low, splat_i((1 << low) - 1)
-    for w in range(low):
-        field = word(w)
-        for j in range(per_word):
-            c = w * per_word + j
-            idx = field
-            if high:
-                # bits under `mask` from the field, the rest from the top word: one vpternlogd (0xE4 = C ? A : B)
-                idx = builder.call(ternlog, [field, top, mask, ir.Constant(ir.IntType(32), 0xE4)])
-                top = builder.call(rotr, [top, top, splat_i(1)])
-            xc = builder.load(builder.gep(data[6], [builder.add(xk, ir.Constant(i64, c))]))
-            a = c % ACCUMULATORS
-            accs[a] = builder.call(fma, [lookup(idx), _splat(builder, xc), accs[a]])
-            field = builder.lshr(field, splat_i(low))
+    words = [builder.load(builder.bitcast(builder.gep(data[2], [builder.add(base, ir.Constant(i64, w * ROWS))]),
+                                          _I16.as_pointer()), align=4) for w in range(n_bits)]
+    for c in range(CHUNK):
+        w, shift = divmod(n_bits * c, 32)
+        if shift + n_bits > 32:  # the code straddles words w and w + 1: one funnel shift of the pair
+            idx = builder.call(fshr, [words[w + 1], words[w], splat_i(shift)])
+        else:
+            idx = builder.lshr(words[w], splat_i(shift)) if shift else words[w]
+        xc = builder.load(builder.gep(data[6], [builder.add(xk, ir.Constant(i64, c))]))
+        a = c % ACCUMULATORS
+        accs[a] = builder.call(fma, [lookup(idx), _splat(builder, xc), accs[a]])
     loop.end(accs)
     sums = loop.values
     while len(sums) > 1:  # pairwise, in a fixed order
@@ -196,28 +173,50 @@ _level_matmul_serial = serial_twin(_level_matmul)
 
 
 @njit(cache=True, parallel=True)
-def _decode(codes, levels, scale, chunks, bits, rows, tile):
+def _decode_words(codes, levels, scale, chunks, bits, rows, tile):
     """tile[i, :chunks * 32] = row rows[i] of scale * levels[code] (the padding columns too), rows split over the
-    threads (a prefill's tiles); the serial twin serves the embedding's few rows. Column c = w (32 // low) + j
-    sits in word w at bits j low: nested loops reach it without a division per weight, which made a 1536 x 576
-    tile 9 times as slow on one thread (BENCHMARKS, session 13)."""
-    low = 4 if bits >= 4 else 2
-    per_word, mask, top = CHUNK // low, (1 << low) - 1, 1 if bits > low else 0
+    threads (a prefill's tiles), for 2 and 4 bits: word w holds whole codes, column w (32 // B) + j at bits B j.
+    Nested loops reach each without a division per weight, which made a 1536 x 576 tile 9 times as slow on one
+    thread (BENCHMARKS, session 13)."""
+    per_word, mask = 32 // bits, (1 << bits) - 1
     for i in prange(rows.size):
-        r = rows[i]
+        r, out = rows[i], tile[i]  # a row's view: indexing the 2-D tile in the inner loop took twice as long
         b, lane, s = r // ROWS, r % ROWS, scale[r]
         for k in range(chunks):
             base = (b * chunks + k) * bits * ROWS + lane
-            high = codes[base + min(low, bits - 1) * ROWS]  # the top bits' word (3 and 5 bits; masked off else)
-            for w in range(low):
-                word = codes[base + w * ROWS]
+            for w in range(bits):
+                word, c0 = codes[base + w * ROWS], k * CHUNK + w * per_word
                 for j in range(per_word):
-                    c = w * per_word + j
-                    code = ((word >> (low * j)) & mask) | (((high >> c) & top) << low)
-                    tile[i, k * CHUNK + c] = s * levels[code]
+                    out[c0 + j] = s * levels[(word >> (bits * j)) & mask]
 
 
-_decode_serial = serial_twin(_decode)
+@njit(cache=True, parallel=True)
+def _decode_string(codes, levels, scale, chunks, bits, rows, tile):
+    """_decode_words for 3 and 5 bits: column c's code starts at bit B c of the chunk's words, and straddles two
+    words where it crosses a multiple of 32."""
+    mask = (1 << bits) - 1
+    for i in prange(rows.size):
+        r = rows[i]  # indexing the 2-D tile here ran faster than a row's view, the other way round from above
+        b, lane, s = r // ROWS, r % ROWS, scale[r]
+        for k in range(chunks):
+            base = (b * chunks + k) * bits * ROWS + lane
+            for c in range(CHUNK):
+                at = bits * c
+                w, shift = at >> 5, at & 31
+                code = np.int64(codes[base + w * ROWS]) >> shift
+                if shift + bits > 32:
+                    code |= np.int64(codes[base + (w + 1) * ROWS]) << (32 - shift)
+                tile[i, k * CHUNK + c] = s * levels[code & mask]
+
+
+_SERIAL = {_decode_words: serial_twin(_decode_words), _decode_string: serial_twin(_decode_string)}
+
+
+def _decode(w: LevelCPU, rows: np.ndarray, tile: np.ndarray, serial: bool = False) -> None:
+    """tile[i] = the scaled levels of row rows[i] of w (the padding columns too): on all threads, or serial
+    (the embedding's few rows)."""
+    kernel = _decode_words if 32 % w.bits == 0 else _decode_string
+    (_SERIAL[kernel] if serial else kernel)(w.codes, w.levels, w.scale, w.chunks, w.bits, rows, tile)
 
 
 def level_matmul(x: np.ndarray, w: LevelCPU) -> np.ndarray:
@@ -228,13 +227,12 @@ def level_matmul(x: np.ndarray, w: LevelCPU) -> np.ndarray:
         small = xp.shape[0] * w.shape[0] * w.shape[1] < PARALLEL_MIN_WEIGHTS
         y = (_level_matmul_serial if small else _level_matmul)(xp, w.codes, w.table, w.chunks, w.bits)
         return y[:, :out] * w.scale
-    return tiled_matmul(xp, out, width, lambda r0, r1, tile: _decode(w.codes, w.levels, w.scale, w.chunks, w.bits,
-                                                                   np.arange(r0, r1), tile))
+    return tiled_matmul(xp, out, width, lambda r0, r1, tile: _decode(w, np.arange(r0, r1), tile))
 
 
 def level_rows(w: LevelCPU, rows: np.ndarray) -> np.ndarray:
     """float32 (len(rows), in): the scaled levels of the given rows (an embedding lookup)."""
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     tile = np.empty((rows.size, w.chunks * CHUNK), dtype=np.float32)
-    _decode_serial(w.codes, w.levels, w.scale, w.chunks, w.bits, rows, tile)
+    _decode(w, rows, tile, serial=True)
     return tile[:, : w.shape[1]]
