@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc are Linux's")
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc are Linux's")
 
 RESIDENT = '''
 import json, sys
@@ -73,6 +73,7 @@ def _run(code: str, *args: str) -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
+@linux_only
 def test_released_pages_leave_and_compiles_bring_them_back():
     out = _run(RELEASE)
     if out["advised"] == 0:
@@ -84,7 +85,19 @@ def test_released_pages_leave_and_compiles_bring_them_back():
     assert out["after_listener"] < out["compiled"] / 3  # the listener released them after that compile
 
 
+@linux_only
 def test_loading_a_model_on_the_cpu_leaves_llvm_released(tiny_model: Path):
     out = _run(GENERATE, str(tiny_model))
     assert out["text"]
     assert out["after_generate"] < out["compiled"] / 3
+
+
+def test_without_madvise_nothing_is_touched(monkeypatch):
+    """Off Linux (no madvise to call) release advises nothing and no listener is installed."""
+    from sagekit.kernels import compiler_pages
+
+    monkeypatch.setattr(compiler_pages, "_MADVISE", None)
+    monkeypatch.setattr(compiler_pages, "_LISTENER", None)
+    assert compiler_pages.release() == 0 and compiler_pages.library_maps() == []
+    compiler_pages.keep_released()
+    assert compiler_pages._LISTENER is None

@@ -65,7 +65,10 @@ def clean_maps(name: str = LIBRARY) -> set[int]:
 
 
 def release(clean: set[int] | None = None) -> int:
-    """Unmap LLVM's resident pages from this process; the bytes of mapping the kernel took the advice for."""
+    """Unmap LLVM's resident pages from this process; the bytes of mapping the kernel took the advice for (0 off
+    Linux)."""
+    if _MADVISE is None:
+        return 0
     clean = clean_maps() if clean is None else clean
     done = 0
     for start, end in library_maps():
