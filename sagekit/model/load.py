@@ -77,7 +77,7 @@ def start_kernels(backend: Backend) -> None:
     """
     if not backend.is_gpu:
         compiler_pages.keep_released()
-        decode_step.threads()
+        decode_step.threads()  # its first parallel call: the CPU target and the thread pool come up here
 
 
 def load_model(path: str | Path, backend: Backend, max_seq_len: int, kernels: bool = True) -> Llama:
