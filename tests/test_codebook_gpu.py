@@ -43,10 +43,12 @@ def test_grids_on_the_gpu_run_as_their_dequantised_weight(bits, shape, tokens):
     _check(random_grid(shape, bits, seed=bits), tokens)
 
 
-def test_device_rotation_is_the_cpu_rotation():
+@pytest.mark.parametrize("rows", [1, 5])
+def test_device_rotation_is_the_cpu_rotation(rows):
+    """Many rows on cuBLAS, one (the graphed decode step's) on broadcast products and sums."""
     from sagekit.kernels import codebook_cuda
 
-    x = np.random.default_rng(0).standard_normal((5, 576)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((rows, 576)).astype(np.float32)
     got = get_backend("cuda").to_numpy(codebook_cuda.rotate(get_backend("cuda").xp.asarray(x), 7))
     np.testing.assert_allclose(got, rotation.rotate(x, 7), rtol=0, atol=1e-2 * np.abs(x).max())
 

@@ -226,7 +226,7 @@ def test_cuda_sources_compile(source, tmp_path):
 
 
 def test_cuda_module_imports_without_cupy():
-    assert cuda.KERNEL_DIR == KERNEL_DIR and (KERNEL_DIR / "sage_gemm.cu").is_file()
+    assert cuda.KERNEL_DIR == KERNEL_DIR and (KERNEL_DIR / "sage_decode.cu").is_file()
 
 
 def _gpu():

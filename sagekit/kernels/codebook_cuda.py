@@ -98,15 +98,23 @@ def codebook_matmul_gpu(x: Any, dev: CodebookGPU) -> Any:
 
 
 @functools.cache
-def _factors(n: int, seed: int) -> tuple[Any, Any]:
-    """(A, B^T) float16 on the device, so that R x = A X B^T for x viewed as (a, b)."""
+def _factors(n: int, seed: int, dtype: str) -> tuple[Any, Any]:
+    """(A, B^T) on the device, so that R x = A X B^T for x viewed as (a, b)."""
     a, b = rotation.factors(n, seed)
     cp = cupy_module()
-    return cp.asarray(a, dtype=cp.float16), cp.asarray(np.ascontiguousarray(b.T), dtype=cp.float16)
+    return cp.asarray(a, dtype=dtype), cp.asarray(np.ascontiguousarray(b.T), dtype=dtype)
 
 
 def rotate(x: Any, seed: int) -> Any:
-    """R x for every row of x (T, n) on the device: rotation.rotate's algebra, in float16."""
-    left, right = _factors(x.shape[-1], seed)
-    xm = x.astype(left.dtype, copy=False).reshape(x.shape[0], left.shape[0], right.shape[0])
-    return (left @ xm @ right).reshape(x.shape)
+    """R x for every row of x (T, n) on the device, float16: rotation.rotate's algebra. Many rows go through two
+    cuBLAS matmuls in float16; one row (decode) through broadcast products and sums in float32, since CuPy
+    refuses cuBLAS calls inside a captured CUDA graph (sagekit.model.decode_graph)."""
+    cp = cupy_module()
+    if x.shape[0] != 1:
+        left, right = _factors(x.shape[-1], seed, "float16")
+        xm = x.astype(left.dtype, copy=False).reshape(x.shape[0], left.shape[0], right.shape[0])
+        return (left @ xm @ right).reshape(x.shape)
+    left, right = _factors(x.shape[-1], seed, "float32")
+    xm = x.astype(cp.float32, copy=False).reshape(left.shape[0], right.shape[0])
+    z = (xm[:, :, None] * right[None]).sum(axis=1)  # X B^T
+    return (left[:, :, None] * z[None]).sum(axis=1).astype(cp.float16).reshape(x.shape)

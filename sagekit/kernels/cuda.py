@@ -1,4 +1,6 @@
-"""GPU matmul on packed `sage` weights: CuPy RawKernels whose CUDA C lives in sage_gemv.cu / sage_gemm.cu.
+"""GPU matmul on packed `sage` weights: CuPy RawKernels whose CUDA C lives in sage_gemv.cu / sage_decode.cu.
+
+Decode (one token) is the GEMV kernel; longer inputs decode the matrix to an FP16 scratch for cuBLAS.
 
 CuPy is imported only when a GPU function runs, so this module imports (and its CPU-side code is
 testable) on machines without it. Kernels are compiled once per process per number of id planes, and
@@ -16,7 +18,7 @@ from sagekit.format.sage import PackedSage, n_id_bits
 
 KERNEL_DIR = Path(__file__).resolve().parent
 GEMV_WARPS = 8  # rows per GEMV block, one warp each
-GEMM_TILE = 64  # tokens and rows per GEMM block (sage_gemm.cu: BM = BN = 64, 128 threads)
+DECODE_THREADS = 256
 
 
 def cupy_module():
@@ -55,15 +57,29 @@ def to_device(p: PackedSage) -> SageGPU:
 
 
 @functools.cache
-def _kernels(nb: int) -> tuple[Any, Any, Any]:
-    """(gemv for words % 4 == 0, gemv for any words, gemm) for NB id planes."""
-    names = [f"sage_gemv<{nb}, true>", f"sage_gemv<{nb}, false>", f"sage_gemm<{nb}>"]
+def _kernels(nb: int) -> tuple[Any, Any, Any, Any]:
+    """(gemv for words % 4 == 0, gemv for any words, decode, salient) for NB id planes."""
+    names = [f"sage_gemv<{nb}, true>", f"sage_gemv<{nb}, false>", f"sage_decode<{nb}>", "sage_salient"]
     module = cupy_module().RawModule(
-        code=(KERNEL_DIR / "sage_gemm.cu").read_text(),  # includes sage_gemv.cu
+        code=(KERNEL_DIR / "sage_decode.cu").read_text(),  # includes sage_gemv.cu
         options=("--std=c++17", f"-I{KERNEL_DIR}"),
         name_expressions=names,
     )
     return tuple(module.get_function(n) for n in names)
+
+
+def decode(dev: SageGPU) -> Any:
+    """float16 (out, in): W_hat decoded on the device, salient corrections included."""
+    cp = cupy_module()
+    out, in_ = dev.shape
+    words = int(dev.sign.shape[1])
+    _, _, planes, salient = _kernels(n_id_bits(dev.n_groups))
+    w = cp.empty((out, in_), dtype=cp.float16)
+    planes((-(-out * words // DECODE_THREADS),), (DECODE_THREADS,),
+           (dev.sign, dev.gid, dev.alpha, cp.int32(dev.n_groups), w, cp.int32(out), cp.int32(in_), cp.int32(words)))
+    salient((-(-out // DECODE_THREADS),), (DECODE_THREADS,),
+            (dev.sal_ptr, dev.sal_idx, dev.sal_val, dev.sal_scale, w, cp.int32(out), cp.int32(in_)))
+    return w
 
 
 def sage_matmul_gpu(x: Any, dev: SageGPU) -> Any:
@@ -73,17 +89,13 @@ def sage_matmul_gpu(x: Any, dev: SageGPU) -> Any:
     x = cp.ascontiguousarray(x, dtype=cp.float16)
     if x.ndim not in (1, 2) or x.shape[-1] != in_:
         raise ValueError(f"x: expected (in,) or (T, {in_}) with in = {in_}, got {x.shape}")
-    gemv_vec4, gemv_any, gemm = _kernels(n_id_bits(dev.n_groups))
+    if x.ndim == 2 and x.shape[0] > 1:
+        return x @ decode(dev).T
+    gemv_vec4, gemv_any, _, _ = _kernels(n_id_bits(dev.n_groups))
     words = int(dev.sign.shape[1])
-    salient = (dev.sal_ptr, dev.sal_idx, dev.sal_val, dev.sal_scale)
-    weight = (dev.sign, dev.gid, dev.alpha, cp.int32(dev.n_groups), *salient)
-    n_tok = 1 if x.ndim == 1 else x.shape[0]
-    y = cp.empty((out,) if x.ndim == 1 else (n_tok, out), dtype=cp.float16)
-    if n_tok == 1:
-        gemv = gemv_vec4 if words % 4 == 0 else gemv_any
-        grid = (-(-out // GEMV_WARPS),)
-        gemv(grid, (32 * GEMV_WARPS,), (*weight, x, y, cp.int32(out), cp.int32(in_), cp.int32(words)))
-    else:
-        grid = (-(-out // GEMM_TILE), -(-n_tok // GEMM_TILE))
-        gemm(grid, (128,), (*weight, x, y, cp.int32(n_tok), cp.int32(out), cp.int32(in_), cp.int32(words)))
+    y = cp.empty((out,) if x.ndim == 1 else (1, out), dtype=cp.float16)
+    gemv = gemv_vec4 if words % 4 == 0 else gemv_any
+    gemv((-(-out // GEMV_WARPS),), (32 * GEMV_WARPS,),
+         (dev.sign, dev.gid, dev.alpha, cp.int32(dev.n_groups), dev.sal_ptr, dev.sal_idx, dev.sal_val, dev.sal_scale,
+          x, y, cp.int32(out), cp.int32(in_), cp.int32(words)))
     return y

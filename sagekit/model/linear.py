@@ -35,16 +35,28 @@ class DenseLinear:
     """A weight held as an (out, in) array in the backend's dtype; the matmul is the BLAS/cuBLAS one.
 
     One token goes through GEMV (W @ x): OpenBLAS's threaded GEMM for a (1, in) x stalled for whole time
-    slices when the two cores were shared (7.7 ms against 0.03 ms for the 1536x576 GEMV), its GEMV did not."""
+    slices when the two cores were shared (7.7 ms against 0.03 ms for the 1536x576 GEMV), its GEMV did not. On the
+    GPU one token goes through sagekit's FP16 GEMV kernel instead of cuBLAS, so the step can be captured in a CUDA
+    graph (sagekit.model.decode_graph)."""
 
     def __init__(self, weight: Any):
         self.weight = weight
         self.out_features, self.in_features = weight.shape
+        self._gemv = None
+        if not isinstance(weight, np.ndarray) and weight.dtype == np.float16 and weight.flags.c_contiguous:
+            from sagekit.kernels import dense_cuda
+
+            self._gemv = dense_cuda.gemv
 
     def __call__(self, x: Any) -> Any:
         if x.ndim == 2 and x.shape[0] == 1:
-            return (self.weight @ x[0])[None]
+            return (self.weight @ x[0] if self._gemv is None else self._gemv(self.weight, x[0]))[None]
         return x @ self.weight.T
+
+    @property
+    def capturable(self) -> bool:
+        """Whether a decode step through this matrix can be captured in a CUDA graph (the GPU's own GEMV)."""
+        return self._gemv is not None
 
     @property
     def nbytes(self) -> int:
@@ -111,6 +123,11 @@ class GridLinear:
 
     def __call__(self, x: Any) -> Any:
         return self._matmul(self._rotate(x), self._weights)
+
+    @property
+    def capturable(self) -> bool:
+        """Whether a decode step through this matrix can be captured in a CUDA graph (no cuBLAS at one token)."""
+        return self.kernel == "gpu"
 
     def rotate(self, x: Any) -> Any:
         """R x, what the kernel reads."""
@@ -188,6 +205,11 @@ class SageLinear:
 
     def __call__(self, x: Any) -> Any:
         return self._matmul(x, self._weights)
+
+    @property
+    def capturable(self) -> bool:
+        """Whether a decode step through this matrix can be captured in a CUDA graph (the GEMV kernel, no cuBLAS)."""
+        return self.backend.is_gpu
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
         """float32 rows of the weight, decoded from the CPU kernel's planes."""

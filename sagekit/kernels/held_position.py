@@ -1,0 +1,76 @@
+"""The decode step's ops at a position held in an int32 array of one element rather than a Python int: the KV
+store and single-query attention.
+
+The GPU's graphed decode step (sagekit.model.decode_graph) is captured once and replayed at every position, so
+the position must be read on the device at run time (a slice `cache[:, start]` would bake the capture's position
+into the graph), and nothing in it may call cuBLAS (CuPy refuses cuBLAS calls while a stream is captured). On
+the GPU both ops are kernels of their own; NumPy runs the same math, so CI checks it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+from sagekit.kernels.cuda import KERNEL_DIR, cupy_module
+
+ATTENTION_THREADS = 128
+DEFAULT_SHARED = 48 * 1024  # dynamic shared memory a kernel gets without asking
+
+
+@functools.cache
+def _store_kernel() -> Any:
+    """One thread per (head, d) of the new row. Memory layout: slot (KV, S, D) row-major (one layer's cache),
+    src (KV, D), pos int32 [1]; src[h, d] goes to slot[h, pos[0], d]."""
+    return cupy_module().ElementwiseKernel(
+        "S src, raw int32 pos, int32 seq, int32 dim", "raw T slot",
+        "slot[(i / dim) * seq * dim + pos[0] * dim + i % dim] = (T)src",
+        "sagekit_store_at")
+
+
+@functools.cache
+def _attention_kernel() -> Any:
+    return cupy_module().RawKernel((KERNEL_DIR / "held_attention.cu").read_text(), "held_attention",
+                                   options=("--std=c++17",))
+
+
+def store_at(slot: Any, src: Any, pos: Any) -> None:
+    """slot[:, pos[0]] = src for slot (KV, S, D) C-contiguous, src (KV, D)."""
+    if isinstance(slot, np.ndarray):
+        slot[:, int(pos[0])] = src
+        return
+    if not slot.flags.c_contiguous:
+        raise ValueError("store_at writes into a C-contiguous (KV, S, D) cache slot")
+    _, seq, dim = slot.shape
+    _store_kernel()(src, pos, np.int32(seq), np.int32(dim), slot)
+
+
+def attention(q: Any, keys: Any, values: Any, pos: Any) -> Any:
+    """Softmax(q K^T) V of one query per head (H, D) float32, already scaled, over the positions 0..pos[0] of a
+    cache slot (KV, S, D); query head h reads KV head h // (H / KV). (H, D) float32."""
+    if isinstance(keys, np.ndarray):
+        return _attention_numpy(q, keys, values, pos)
+    cp = cupy_module()
+    (heads, dim), (kv, seq, _) = q.shape, keys.shape
+    shared = 4 * (dim + seq)
+    kernel = _attention_kernel()
+    if shared > DEFAULT_SHARED:
+        kernel.max_dynamic_shared_size_bytes = shared
+    out = cp.empty((heads, dim), dtype=cp.float32)
+    kernel((heads,), (ATTENTION_THREADS,),
+           (cp.ascontiguousarray(q, dtype=cp.float32), keys, values, pos, out, np.int32(seq), np.int32(dim),
+            np.int32(heads // kv)), shared_mem=shared)
+    return out
+
+
+def _attention_numpy(q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """The kernel's math over every slot, those past the position masked."""
+    kv, _, dim = keys.shape
+    qg = q.reshape(kv, -1, dim)  # (KV, rep, D)
+    scores = qg @ keys.astype(np.float32).transpose(0, 2, 1)  # (KV, rep, S)
+    scores = np.where(np.arange(scores.shape[-1]) <= pos[0], scores, np.float32(-np.inf))
+    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    out = (scores @ values.astype(np.float32)) / scores.sum(axis=-1, keepdims=True)
+    return out.reshape(q.shape).astype(np.float32)
