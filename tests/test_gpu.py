@@ -141,3 +141,22 @@ def test_dense_gemv_matches_numpy(out, in_):
     got = dense_cuda.gemv(cp.asarray(w), cp.asarray(x)).get().astype(np.float64)
     ref = w.astype(np.float64) @ x.astype(np.float64)
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-3 * (np.abs(w.astype(np.float64)) @ np.abs(x)).max())
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("heads,kv,dim,seq", [(9, 3, 64, 700), (32, 8, 128, 300), (4, 4, 80, 20000)])
+def test_held_attention_kernel_matches_numpy(heads, kv, dim, seq):
+    """The CUDA kernel against the NumPy math, at the first, a middle and the last position; 20,000 positions
+    need more than the 48 KiB of shared memory a kernel gets unasked."""
+    from sagekit.kernels import held_position
+
+    rng = np.random.default_rng(dim)
+    q = (rng.standard_normal((heads, dim)) / np.sqrt(dim)).astype(np.float32)
+    keys, values = (rng.standard_normal((kv, seq, dim)).astype(np.float16) for _ in range(2))
+    cp = get_backend("cuda").xp
+    for pos in (0, seq // 3, seq - 1):
+        at = np.array([pos], dtype=np.int32)
+        want = held_position.attention(q, keys, values, at)
+        got = held_position.attention(cp.asarray(q), cp.asarray(keys), cp.asarray(values), cp.asarray(at)).get()
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(values).max())

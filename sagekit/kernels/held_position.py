@@ -16,7 +16,8 @@ import numpy as np
 
 from sagekit.kernels.cuda import KERNEL_DIR, cupy_module
 
-ATTENTION_THREADS = 128
+ATTENTION_THREADS = 256  # 8 warps a block, one block per query head
+MAX_HEAD_DIM = 256  # held_attention.cu: MAX_PAIRS pairs of a row per lane
 DEFAULT_SHARED = 48 * 1024  # dynamic shared memory a kernel gets without asking
 
 
@@ -54,7 +55,9 @@ def attention(q: Any, keys: Any, values: Any, pos: Any) -> Any:
         return _attention_numpy(q, keys, values, pos)
     cp = cupy_module()
     (heads, dim), (kv, seq, _) = q.shape, keys.shape
-    shared = 4 * (dim + seq)
+    if dim % 2 or dim > MAX_HEAD_DIM:
+        raise ValueError(f"the GPU's held attention takes even head sizes up to {MAX_HEAD_DIM}, not {dim}")
+    shared = 4 * (dim + seq + ATTENTION_THREADS // 32 * dim)
     kernel = _attention_kernel()
     if shared > DEFAULT_SHARED:
         kernel.max_dynamic_shared_size_bytes = shared
