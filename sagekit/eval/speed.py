@@ -2,8 +2,8 @@
 
 Per matrix: the packed GEMV (one token) against the dense GEMV of the same weight (NumPy float32 on CPU;
 sagekit's FP16 GEMV kernel on GPU, which a CUDA graph can capture), each checked against a bare matmul of its
-shape, with the GB/s the packed bytes are streamed at. Per model: decode and prefill
-tokens/s of the packed model and of the same model held dense.
+shape, with the GB/s the packed bytes are streamed at. Per model: decode and prefill tokens/s of the packed model
+and of the same model held dense.
 """
 
 from __future__ import annotations
