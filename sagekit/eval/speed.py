@@ -110,6 +110,7 @@ def random_pair(shape: str, backend: Backend, max_seq_len: int, layers: int | No
                      Llama(c, backend, Weights(embed, dense_layers, norm, head), max_seq_len))
 
 
+PREFILL_REPEATS = 3  # timed prefills per round, median reported
 SUSPECT_DENSE = 1.5  # a dense twin this much slower than a bare matmul of its shape is not a fair baseline
 
 
@@ -158,17 +159,24 @@ def model_speed(model: Llama, decode_tokens: int, prefill_tokens: int) -> tuple[
     """(decode tok/s, prefill tok/s, decode tok/s at depth) at batch 1, as llama-bench counts them: decode
     steps from an empty cache (its `tg`), a prefill of prefill_tokens (`pp`), then decode steps after that
     prompt (`tg` at depth `-d`), where every step also reads the prompt's keys and values. The prefill computes
-    the logits of its last token only, as llama-bench's pp does and as generation needs."""
+    the logits of its last token only, as llama-bench's pp does and as generation needs.
+
+    Both paths are warmed up first, and the prefill is the median of PREFILL_REPEATS, as llama-bench warms up
+    and averages its repetitions: one cold prefill per round paid the first call's scratch tiles and thread
+    wake-ups (docs/BENCHMARKS.md, session 19)."""
     be = model.backend
     tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, prefill_tokens + decode_tokens)
     model.forward(tokens[:8], 0)
-    be.synchronize()
-    decode = _decode(model, tokens[prefill_tokens:], 0)
-    t0 = time.perf_counter()
     model.forward(tokens[:prefill_tokens], 0, last_only=True)
     be.synchronize()
-    prefill = prefill_tokens / (time.perf_counter() - t0)
-    return decode, prefill, _decode(model, tokens[prefill_tokens:], prefill_tokens)
+    decode = _decode(model, tokens[prefill_tokens:], 0)
+    times = []
+    for _ in range(PREFILL_REPEATS):
+        t0 = time.perf_counter()
+        model.forward(tokens[:prefill_tokens], 0, last_only=True)
+        be.synchronize()
+        times.append(time.perf_counter() - t0)
+    return decode, prefill_tokens / float(np.median(times)), _decode(model, tokens[prefill_tokens:], prefill_tokens)
 
 
 def pair_speed(pair: ModelPair, decode_tokens: int, prefill_tokens: int, rounds: int,
