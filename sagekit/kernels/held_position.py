@@ -48,6 +48,19 @@ def store_at(slot: Any, src: Any, pos: Any) -> None:
     _store_kernel()(src, pos, np.int32(seq), np.int32(dim), slot)
 
 
+@functools.cache
+def _shared_limit() -> int:
+    """Shared memory a block may opt in to on this device (227 KiB on an H100 or H200, 64 KiB on a T4)."""
+    return int(cupy_module().cuda.Device().attributes.get("MaxSharedMemoryPerBlockOptin", DEFAULT_SHARED))
+
+
+def takes(seq: int, dim: int) -> bool:
+    """Whether the GPU attention kernel takes a cache of seq positions at head size dim: an even dim up to
+    MAX_HEAD_DIM, and its scores, query, partial sums and reduction slots within the block's shared memory."""
+    floats = seq + dim * (1 + ATTENTION_THREADS // 32) + 32
+    return dim % 2 == 0 and dim <= MAX_HEAD_DIM and 4 * floats <= _shared_limit()
+
+
 def attention(q: Any, keys: Any, values: Any, pos: Any) -> Any:
     """Softmax(q K^T) V of one query per head (H, D) float32, already scaled, over the positions 0..pos[0] of a
     cache slot (KV, S, D); query head h reads KV head h // (H / KV). (H, D) float32."""

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable
 
+from sagekit.kernels import held_position
+
 
 class DecodeGraph:
     """Callable as DecodePlan is: the residual stream (1, dim) after every layer for one token at `start`."""
@@ -29,6 +31,10 @@ class DecodeGraph:
         return len(now) == len(self.linears) and all(a is b for a, b in zip(self.linears, now))
 
     def __call__(self, h: Any, state: Any, start: int) -> Any:
+        if not held_position.takes(state.max_seq_len, state.config.head_dim):
+            for i in range(len(self.layers)):  # a cache or heads the attention kernel cannot take: the eager step
+                h = self.block(i, h, start)
+            return h
         key = tuple(a.data.ptr for a in (state.cache_k, state.cache_v, state.cos, state.sin)) + (h.shape,)
         if key != self.key:
             self._capture(h, start, key)
