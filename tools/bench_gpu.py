@@ -26,6 +26,7 @@ from sagekit.format.sage import random_packed
 from sagekit.format.sage_grid import pack_grid
 from sagekit.format.sage_vq import pack_vq
 from sagekit.kernels import codebook_cuda, cuda, dense_cuda
+from sagekit.model.generate import generate
 
 
 def gpu_ms(fn: Callable[[], Any], repeats: int) -> float:
@@ -88,24 +89,15 @@ def model_rows(folder: Path, decode: int, depth: int, rounds: int) -> dict[str, 
                 model.decode_plan = graphs[name] if mode == "graph" else None
                 figures = speed.model_speed(model, decode, depth)
                 runs.setdefault(f"{name} {mode}", []).append(figures)
-    prompt = np.arange(1, 9)
+    prompt = list(range(1, 9))
     same = []
     for plan in (graphs["packed"], None):
         pair.packed.decode_plan = plan
-        same.append(_greedy(pair.packed, prompt, 32))
+        same.append(generate(pair.packed, prompt, 32).tokens)
     medians = {k: dict(zip(("decode_tok_s", "prefill_tok_s", "decode_depth_tok_s"), np.median(v, axis=0).tolist()))
                for k, v in runs.items()}
     return {"folder": str(folder), "depth": depth, "decode_tokens": decode, "rounds": rounds, "median": medians,
             "runs": runs, "graph_tokens_equal_eager": same[0] == same[1]}
-
-
-def _greedy(model: Any, prompt: np.ndarray, n: int) -> list[int]:
-    logits = model.forward(prompt, 0, last_only=True)
-    out = []
-    for i in range(n):
-        out.append(int(model.backend.to_numpy(logits)[-1].argmax()))
-        logits = model.forward(np.array(out[-1:]), len(prompt) + i, last_only=True)
-    return out
 
 
 def main() -> None:

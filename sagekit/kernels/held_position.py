@@ -19,6 +19,7 @@ from sagekit.kernels.cuda import KERNEL_DIR, cupy_module
 ATTENTION_THREADS = 256  # 8 warps a block, one block per query head
 MAX_HEAD_DIM = 256  # held_attention.cu: MAX_PAIRS pairs of a row per lane
 DEFAULT_SHARED = 48 * 1024  # dynamic shared memory a kernel gets without asking
+STATIC_SHARED = 4 * 32  # held_attention.cu's reduction slots, one float per warp (32 at most)
 
 
 @functools.cache
@@ -54,11 +55,15 @@ def _shared_limit() -> int:
     return int(cupy_module().cuda.Device().attributes.get("MaxSharedMemoryPerBlockOptin", DEFAULT_SHARED))
 
 
+def _dynamic_shared(seq: int, dim: int) -> int:
+    """Bytes of held_attention.cu's dynamic shared memory: the query, the scores and each warp's partial output."""
+    return 4 * (dim * (1 + ATTENTION_THREADS // 32) + seq)
+
+
 def takes(seq: int, dim: int) -> bool:
     """Whether the GPU attention kernel takes a cache of seq positions at head size dim: an even dim up to
-    MAX_HEAD_DIM, and its scores, query, partial sums and reduction slots within the block's shared memory."""
-    floats = seq + dim * (1 + ATTENTION_THREADS // 32) + 32
-    return dim % 2 == 0 and dim <= MAX_HEAD_DIM and 4 * floats <= _shared_limit()
+    MAX_HEAD_DIM, and its shared memory (dynamic plus STATIC_SHARED) within what a block may opt in to."""
+    return dim % 2 == 0 and dim <= MAX_HEAD_DIM and _dynamic_shared(seq, dim) + STATIC_SHARED <= _shared_limit()
 
 
 def attention(q: Any, keys: Any, values: Any, pos: Any) -> Any:
@@ -68,9 +73,10 @@ def attention(q: Any, keys: Any, values: Any, pos: Any) -> Any:
         return _attention_numpy(q, keys, values, pos)
     cp = cupy_module()
     (heads, dim), (kv, seq, _) = q.shape, keys.shape
-    if dim % 2 or dim > MAX_HEAD_DIM:
-        raise ValueError(f"the GPU's held attention takes even head sizes up to {MAX_HEAD_DIM}, not {dim}")
-    shared = 4 * (dim + seq + ATTENTION_THREADS // 32 * dim)
+    if not takes(seq, dim):
+        raise ValueError(f"the GPU's held attention takes even head sizes up to {MAX_HEAD_DIM} and caches that fit "
+                         f"its shared memory, not {dim} x {seq} positions")
+    shared = _dynamic_shared(seq, dim)
     kernel = _attention_kernel()
     if shared > DEFAULT_SHARED:
         kernel.max_dynamic_shared_size_bytes = shared
