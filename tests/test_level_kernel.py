@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import random_grid
+from conftest import assert_product, random_grid
 
 from sagekit.backend import get_backend
 from sagekit.format.sage_grid import pack_grid
-from sagekit.kernels import cpu, level_matmul
+from sagekit.kernels import cpu, level_matmul, tiles
 from sagekit.model.linear import GridLinear
 
 needs_avx512 = pytest.mark.skipif(not cpu.AVX512, reason="the level kernel's decode needs AVX-512")
@@ -19,6 +19,9 @@ needs_avx512 = pytest.mark.skipif(not cpu.AVX512, reason="the level kernel's dec
 def _check(p, tokens: int, seed: int = 0) -> None:
     w = cpu.prepare_levels(p)
     x = np.random.default_rng(seed).standard_normal((tokens, p.shape[1])).astype(np.float32)
+    if tokens >= tiles.INT8_MIN_TOKENS and tiles.INT8:
+        assert_product(cpu.level_matmul(x, w), x, p.rotated(), rtol=1e-5)
+        return
     ref = x @ p.rotated().T
     bound = np.abs(x) @ np.abs(p.rotated()).T  # the summed terms' size: float32 reordering errs relative to it
     np.testing.assert_array_less(np.abs(cpu.level_matmul(x, w) - ref), 1e-5 * bound.max() + 1e-30)

@@ -84,6 +84,16 @@ def _model(path: Path, device: str, max_seq_len: int):
     return load_model(path, get_backend(device), max_seq_len)
 
 
+def device_name(backend) -> str:
+    """The backend's description, and, on the CPU, the precision prefills multiply at (kernels/tiles.py)."""
+    if backend.is_gpu:
+        return backend.describe()
+    from sagekit.kernels import tiles
+
+    int8 = f", int8 GEMM from {tiles.INT8_MIN_TOKENS} tokens" if tiles.INT8 else ""
+    return backend.describe()[:-1] + int8 + ")"
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":

@@ -20,6 +20,7 @@ from sagekit.cli.common import (
     _tokenizer,
     _user_errors,
     app,
+    device_name,
     err,
     out,
     progress,
@@ -69,11 +70,11 @@ def generate(
                               "prompt_tokens": reply.prompt_tokens, "finish_reason": reply.finish_reason,
                               "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s,
                               "weight_bytes": llm.weight_bytes, "kv_cache_bytes": llm.cache_bytes,
-                              "device": llm.backend.describe()}))
+                              "device": device_name(llm.backend)}))
             return
         sys.stdout.write("\n")
         err.print(f"[dim]{reply.prompt_tokens} prompt tokens at {prefill_tok_s:.1f} tok/s, {len(reply.tokens)} new "
-                  f"tokens at {decode_tok_s:.1f} tok/s on {llm.backend.describe()}; weights "
+                  f"tokens at {decode_tok_s:.1f} tok/s on {device_name(llm.backend)}; weights "
                   f"{_fmt_bytes(llm.weight_bytes)}, KV cache {_fmt_bytes(llm.cache_bytes)}[/]")
 
 
@@ -103,7 +104,7 @@ def eval_cmd(
             task = bar.add_task(f"eval {path.name}", total=n)
             r = evaluate(llm, ids, seqlen, max_windows, reference=ref,
                          on_window=lambda i, _n: bar.update(task, completed=i))
-        result = {"model": str(path), "text": str(text), **r.to_dict(), "device": llm.backend.describe()}
+        result = {"model": str(path), "text": str(text), **r.to_dict(), "device": device_name(llm.backend)}
         if json_out:
             print(json.dumps(result))
             return

@@ -9,7 +9,7 @@ import logging
 import typer
 from rich.markup import escape
 
-from sagekit.cli.common import DEVICE_HELP, MODEL_HELP, _resolve, _user_errors, app, err
+from sagekit.cli.common import DEVICE_HELP, MODEL_HELP, _resolve, device_name, _user_errors, app, err
 from sagekit.errors import SagekitError
 
 SERVE_MISSING = "sagekit serve needs Starlette and uvicorn: pip install 'sagekit[serve]'"
@@ -60,7 +60,7 @@ def serve(
         settings = Settings(model_id=model_name or m.name, api_key=api_key, max_queue=max_queue, max_body=max_body,
                             limits=Limits(max_tokens=max_tokens, context_length=m.context_length))
         err.print(escape(f"serving {settings.model_id} ({m.path}) on http://{host}:{port}/v1 - context "
-                         f"{m.context_length} tokens, {m.llm.backend.describe()}"), highlight=False)
+                         f"{m.context_length} tokens, {device_name(m.llm.backend)}"), highlight=False)
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
         logging.getLogger("sagekit.serve").addHandler(handler)  # beside uvicorn's own lines

@@ -17,6 +17,7 @@ from sagekit.cli.common import (
     _resolve,
     _user_errors,
     app,
+    device_name,
     err,
     out,
     progress,
@@ -125,7 +126,7 @@ def bench(
             matrices = matrix_speed(pair, repeats, lambda: bar.advance(task))
             speeds = pair_speed(pair, decode_tokens, prefill_tokens, rounds, lambda: bar.advance(task))
         peak, peak_source = peak_bandwidth(be)
-        result = {"device": be.describe(), "model": model or shape, "peak_gbps": peak, "peak_source": peak_source,
+        result = {"device": device_name(be), "model": model or shape, "peak_gbps": peak, "peak_source": peak_source,
                   "matrices": matrices, **speeds}
         if json_out:
             print(json.dumps(result))

@@ -1,5 +1,5 @@
 """The float32 sides of the codebook and level kernels: x zero-padded to a layout's width, and prefill as rows
-decoded into a reused per-thread tile that BLAS multiplies.
+decoded into a reused per-thread tile that BLAS multiplies (or, with AVX-512 VNNI, int8_gemm at int8).
 
 From a few tokens on, BLAS on decoded rows beats a lookup per weight. Tiles of up to TILE_FLOATS hold each of
 the demo model's matrices whole: BLAS ran its 512 x 576 x 1536 GEMM at 150 GFLOP/s whole against 117 in
@@ -9,13 +9,19 @@ costs its page faults on every call.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 
 import numpy as np
 
+from sagekit.kernels import int8_gemm
+
 TILE_FLOATS = 1 << 20  # 4 MB of float32 rows a tile
-ROW_ALIGN = 16  # tiles start on a 16-row block, as the kernels' layouts group rows
+ROW_ALIGN = int8_gemm.PANEL_ROWS  # tiles start on a 32-row panel: the int8 GEMM's, two of the layouts' 16-row blocks
+# int8 from this many tokens on: below, rounding each tile of weights costs more than BLAS saves
+INT8_MIN_TOKENS = 32
+INT8 = int8_gemm.VNNI and os.environ.get("SAGEKIT_PREFILL", "int8") != "float32"
 
 _local = threading.local()
 
@@ -40,14 +46,20 @@ def padded(x: np.ndarray, width: int) -> np.ndarray:
 def tiled_matmul(x: np.ndarray, out_features: int, width: int,
                  decode: Callable[[int, int, np.ndarray], None]) -> np.ndarray:
     """float32 (T, out_features) = x (T, width) @ W.T, where decode(r0, r1, tile) writes rows r0..r1 of W as
-    float32 into tile (r1 - r0, width)."""
+    float32 into tile (r1 - r0, width). From INT8_MIN_TOKENS tokens on, on a CPU with AVX-512 VNNI, the
+    product runs at int8 (int8_gemm.py) unless SAGEKIT_PREFILL=float32."""
     rows = max(ROW_ALIGN, TILE_FLOATS // max(width, 1) // ROW_ALIGN * ROW_ALIGN)
     rows = min(rows, -(-out_features // ROW_ALIGN) * ROW_ALIGN)
     buf = _scratch(rows * width)
-    y = np.empty((x.shape[0], out_features), dtype=np.float32)
+    if INT8 and x.shape[0] >= INT8_MIN_TOKENS:
+        y = np.empty((x.shape[0], -(-out_features // ROW_ALIGN) * ROW_ALIGN), dtype=np.float32)
+        multiply = int8_gemm.RoundedTokens(x).multiply
+    else:
+        y = np.empty((x.shape[0], out_features), dtype=np.float32)
+        multiply = lambda tile, y, r0: np.matmul(x, tile.T, out=y[:, r0 : r0 + tile.shape[0]])  # noqa: E731
     for r0 in range(0, out_features, rows):
         r1 = min(out_features, r0 + rows)
         tile = buf[: (r1 - r0) * width].reshape(r1 - r0, width)
         decode(r0, r1, tile)
-        np.matmul(x, tile.T, out=y[:, r0:r1])
-    return y
+        multiply(tile, y, r0)
+    return y if y.shape[1] == out_features else np.ascontiguousarray(y[:, :out_features])

@@ -1,0 +1,231 @@
+"""Prefill GEMM at int8 (AVX-512 VNNI, Numba): y = x @ W.T with each token of x rounded to int8 at its own
+scale and each decoded row of W at its own, as llama.cpp's Q8_0 activations meet its Q4_0 weights.
+
+Why: a 512-token prefill spent 0.58 of its 0.86 s in float32 BLAS, which OpenBLAS already runs at 87% of
+the CPU's float32 peak (200 of 231 GFLOP/s, two Zen 4 cores). One `vpdpbusd` does 64 multiply-adds where an
+FMA does 16: 918 GOP/s in a register-only loop (BENCHMARKS, session 20). The cost is the rounding of x to
+8 bits, which the rotation ahead of every codebook matmul makes gentle (no outlier sets the scale of a token).
+
+The byte products are unsigned weight times signed input, what `vpdpbusd` multiplies: a weight is stored as
+q + 128 (q = round(w / s_row) in -127..127), so sum (q + 128) x = sum q x + 128 sum x, and the second term,
+one number per token, is taken off before scaling.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from sagekit.kernels.fastmath import FASTMATH
+from sagekit.kernels.llvm_intrinsics import AVX512, ROWS, _has
+
+VNNI = AVX512 and _has("avx512vnni")
+TOKENS = 12  # tokens per micro-kernel step: 2 x 12 accumulators, 2 weight vectors and a spare of 32 zmm
+PANEL = 2  # 16-row blocks per micro-kernel step
+PANEL_ROWS = PANEL * ROWS
+_I32x16 = ir.VectorType(ir.IntType(32), ROWS)
+_F32x16 = ir.VectorType(ir.FloatType(), ROWS)
+# LLVM 21 retyped the VNNI intrinsics' byte operands from <16 x i32> to <64 x i8>
+_BYTES = ir.VectorType(ir.IntType(8), 64) if llvm_binding.llvm_version_info >= (21,) else _I32x16
+
+
+@intrinsic
+def _panel(typingctx, y, y0, ystride, xq, x0, k4, wq, w0, sx, corr, sw, s0, tokens):
+    """One micro-kernel step: PANEL x 16 rows by TOKENS tokens, the sums held in registers through K.
+
+    Layout: wq uint8 flat, from w0: (k4, PANEL, 16, 4), row i of block j's bytes 4k..4k+3 at
+    ((k PANEL + j) 16 + i) 4, stored q + 128; xq int32 flat, from x0: (k4, TOKENS), each int32 four int8
+    inputs of one token; y float32 flat, token t's 32 rows at y0 + t ystride, written for t < tokens;
+    sx, corr (TOKENS,) from the token group's start, sw (PANEL 16,) from s0."""
+    if not (all(isinstance(a, types.Array) for a in (y, xq, wq, sx, corr, sw))
+            and all(t == types.int64 for t in (y0, ystride, x0, k4, w0, s0, tokens))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        y_v, y0_v, ys_v, xq_v, x0_v, k4_v, wq_v, w0_v, sx_v, corr_v, sw_v, s0_v, n_v = args
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        data = [context.make_array(sig.args[i])(context, builder, args[i]).data for i in range(len(args))
+                if isinstance(sig.args[i], types.Array)]
+        y_d, xq_d, wq_d, sx_d, corr_d, sw_d = data
+        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32x16, [_I32x16, _BYTES, _BYTES]),
+                                             "llvm.x86.avx512.vpdpbusd.512")
+        pre = builder.block
+        head, body, done = (builder.append_basic_block(n) for n in ("vnni.head", "vnni.body", "vnni.done"))
+        builder.branch(head)
+        builder.position_at_end(head)
+        k = builder.phi(i64)
+        k.add_incoming(ir.Constant(i64, 0), pre)
+        accs = [builder.phi(_I32x16) for _ in range(PANEL * TOKENS)]
+        for a in accs:
+            a.add_incoming(ir.Constant(_I32x16, None), pre)
+        builder.cbranch(builder.icmp_signed("<", k, k4_v), body, done)
+        builder.position_at_end(body)
+        w_at = builder.add(w0_v, builder.mul(k, ir.Constant(i64, PANEL_ROWS * 4)))
+        weights = []
+        for j in range(PANEL):
+            p = builder.gep(wq_d, [builder.add(w_at, ir.Constant(i64, ROWS * 4 * j))])
+            weights.append(builder.load(builder.bitcast(p, _BYTES.as_pointer()), align=1))
+        x_at = builder.add(x0_v, builder.mul(k, ir.Constant(i64, TOKENS)))
+        following = [None] * len(accs)
+        for t in range(TOKENS):
+            xv = builder.load(builder.gep(xq_d, [builder.add(x_at, ir.Constant(i64, t))]))
+            one = builder.insert_element(ir.Constant(_I32x16, None), xv, ir.Constant(i32, 0))
+            xb = builder.bitcast(builder.shuffle_vector(one, one, ir.Constant(_I32x16, [0] * ROWS)), _BYTES)
+            for j in range(PANEL):
+                following[t * PANEL + j] = builder.call(dot, [accs[t * PANEL + j], weights[j], xb])
+        for a, nxt in zip(accs, following):
+            a.add_incoming(nxt, body)
+        k.add_incoming(builder.add(k, ir.Constant(i64, 1)), body)
+        builder.branch(head)
+        builder.position_at_end(done)
+        scales = []
+        for j in range(PANEL):
+            p = builder.gep(sw_d, [builder.add(s0_v, ir.Constant(i64, ROWS * j))])
+            scales.append(builder.load(builder.bitcast(p, _F32x16.as_pointer()), align=4))
+        for t in range(TOKENS):
+            tc = ir.Constant(i64, t)
+            with builder.if_then(builder.icmp_signed("<", tc, n_v)):
+                c = builder.load(builder.gep(corr_d, [tc]))
+                c = builder.shuffle_vector(builder.insert_element(ir.Constant(_I32x16, None), c, ir.Constant(i32, 0)),
+                                           ir.Constant(_I32x16, None), ir.Constant(_I32x16, [0] * ROWS))
+                s = builder.load(builder.gep(sx_d, [tc]))
+                s = builder.shuffle_vector(builder.insert_element(ir.Constant(_F32x16, None), s, ir.Constant(i32, 0)),
+                                           ir.Constant(_F32x16, None), ir.Constant(_I32x16, [0] * ROWS))
+                row0 = builder.add(y0_v, builder.mul(tc, ys_v))
+                for j in range(PANEL):
+                    v = builder.sitofp(builder.sub(accs[t * PANEL + j], c), _F32x16)
+                    v = builder.fmul(builder.fmul(v, s), scales[j])
+                    p = builder.gep(y_d, [builder.add(row0, ir.Constant(i64, ROWS * j))])
+                    builder.store(v, builder.bitcast(p, _F32x16.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(y, y0, ystride, xq, x0, k4, wq, w0, sx, corr, sw, s0, tokens), codegen
+
+
+@intrinsic
+def _as_float(typingctx, bits):
+    """The float32 whose bits are the int32 `bits`."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _round_row(src: np.ndarray, dst: np.ndarray, offset: np.float32) -> np.float32:
+    """dst[:src.size] = round(src / s) + offset at the scale s = max |src| / 127, offset past src.size;
+    returns s (0 for a zero row). The max runs on the float bits with the sign cleared, whose integer
+    order is the floats': an integer max vectorises, a float one without reassociation does not (3.6x)."""
+    bits = src.view(np.int32)
+    top_bits = np.int32(0)
+    for c in range(bits.size):
+        top_bits = max(top_bits, bits[c] & np.int32(0x7FFFFFFF))
+    top = _as_float(np.int32(top_bits))
+    inv = np.float32(127.0) / top if top > 0 else np.float32(0.0)
+    for c in range(src.size):
+        dst[c] = np.uint8(np.rint(src[c] * inv) + offset)
+    for c in range(src.size, dst.size):
+        dst[c] = np.uint8(offset)
+    return top / np.float32(127.0)
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def quantize_tokens(x: np.ndarray, rows: np.ndarray, xq: np.ndarray, sx: np.ndarray, corr: np.ndarray) -> None:
+    """x float32 (T, K) into xq int32 (groups, k4, TOKENS) flat, four int8 inputs a word, sx float32 the
+    token scales and corr int32 = 128 sum_k q[t, k] (groups = ceil(T / TOKENS); tokens past T are zero).
+    rows: uint8 (groups TOKENS, 4 k4) scratch, the rounded tokens before their interleaving."""
+    n = x.shape[0]
+    k4 = rows.shape[1] // 4
+    for t in prange(sx.size):
+        if t < n:
+            sx[t] = _round_row(x[t], rows[t], np.float32(0.0))
+            total = 0
+            for c in range(x.shape[1]):
+                total += np.int8(rows[t, c])
+            corr[t] = 128 * total
+        else:
+            rows[t, :] = 0
+            sx[t], corr[t] = 0.0, 0
+    words = rows.view(np.int32)
+    for g in prange(sx.size // TOKENS):
+        for k in range(k4):
+            for u in range(TOKENS):
+                xq[(g * k4 + k) * TOKENS + u] = words[g * TOKENS + u, k]
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def pack_rows(tile: np.ndarray, rows: np.ndarray, wq: np.ndarray, sw: np.ndarray) -> None:
+    """Rows of a float32 tile (n, K) into wq int32 (panels, k4, PANEL x 16) flat, each word row r's four bytes
+    q + 128 with q = round(w / sw[r]) at the row's own scale sw[r] = max |w| / 127; rows past n are zeros
+    at scale 0. rows: uint8 (panels PANEL_ROWS, 4 k4) scratch, the rounded rows before their interleaving."""
+    n = tile.shape[0]
+    k4 = rows.shape[1] // 4
+    for r in prange(rows.shape[0]):
+        if r < n:
+            sw[r] = _round_row(tile[r], rows[r], np.float32(128.0))
+        else:
+            rows[r, :] = 128
+            sw[r] = 0.0
+    words = rows.view(np.int32)
+    for p in prange(rows.shape[0] // PANEL_ROWS):
+        for k in range(k4):
+            for i in range(PANEL_ROWS):
+                wq[(p * k4 + k) * PANEL_ROWS + i] = words[p * PANEL_ROWS + i, k]
+
+
+@njit(cache=True, parallel=True)
+def gemm(y: np.ndarray, col0: int, n_tok: int, xq: np.ndarray, k4: int, sx: np.ndarray, corr: np.ndarray,
+         wq: np.ndarray, sw: np.ndarray) -> None:
+    """y[:n_tok, col0 : col0 + rows] = (x @ W.T) from quantize_tokens' and pack_rows' arrays (rows =
+    sw.size, a multiple of PANEL_ROWS; y float32 (n_tok, >= col0 + rows) C-contiguous)."""
+    ystride = y.shape[1]
+    yf = y.reshape(-1)
+    groups = -(-n_tok // TOKENS)
+    for p in prange(sw.size // PANEL_ROWS):
+        for g in range(groups):
+            t0 = g * TOKENS
+            _panel(yf, t0 * ystride + col0 + p * PANEL_ROWS, ystride, xq, g * k4 * TOKENS, k4,
+                   wq, p * k4 * PANEL_ROWS * 4, sx[t0:], corr[t0:], sw, p * PANEL_ROWS, min(TOKENS, n_tok - t0))
+
+
+_local = threading.local()
+
+
+def _buffer(name: str, n: int, dtype: type) -> np.ndarray:
+    """A per-thread scratch array of at least n items, kept between calls (a fresh one costs page faults)."""
+    buf = getattr(_local, name, None)
+    if buf is None or buf.size < n:
+        buf = np.empty(n, dtype=dtype)
+        setattr(_local, name, buf)
+    return buf[:n]
+
+
+class RoundedTokens:
+    """x (T, K) rounded to int8 once, for the row tiles of one matrix to be multiplied by in turn."""
+
+    def __init__(self, x: np.ndarray):
+        self.n_tok, width = x.shape
+        self.k4 = k4 = -(-width // 4)
+        slots = -(-self.n_tok // TOKENS) * TOKENS
+        rows = _buffer("xrows", slots * 4 * k4, np.uint8).reshape(slots, 4 * k4)
+        self.xq = _buffer("xq", slots * k4, np.int32)
+        self.sx, self.corr = _buffer("sx", slots, np.float32), _buffer("corr", slots, np.int32)
+        quantize_tokens(x, rows, self.xq, self.sx, self.corr)
+
+    def multiply(self, tile: np.ndarray, y: np.ndarray, col0: int) -> None:
+        """y[:, col0 : col0 + n] = x @ tile.T for a float32 tile (n, K), its rows rounded to int8 on the way;
+        y float32 (T, >= col0 + n rounded up to PANEL_ROWS), C-contiguous."""
+        n = -(-tile.shape[0] // PANEL_ROWS) * PANEL_ROWS
+        rows = _buffer("wrows", n * 4 * self.k4, np.uint8).reshape(n, 4 * self.k4)
+        wq, sw = _buffer("wq", n * self.k4, np.int32), _buffer("sw", n, np.float32)
+        pack_rows(tile, rows, wq, sw)
+        gemm(y, col0, self.n_tok, self.xq, self.k4, self.sx, self.corr, wq.view(np.uint8), sw)
