@@ -69,7 +69,8 @@ def main() -> None:
         for name, (width, out) in SHAPES.items():
             runs[name].append(measure(args.tokens, width, out, args.repeats))
     rows = []
-    print(f"{args.tokens} tokens, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; medians of {args.rounds} rounds")
+    load = os.getloadavg()[0]
+    print(f"{args.tokens} tokens, {os.cpu_count()} CPUs, load {load:.2f}; medians of {args.rounds} rounds")
     for name, (width, out) in SHAPES.items():
         med = {k: statistics.median(r[k] for r in runs[name]) for k in runs[name][0]}
         ops = 2.0 * args.tokens * width * out

@@ -89,7 +89,10 @@ def eval_cmd(
     device: str = typer.Option("auto", help=DEVICE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
-    """Perplexity on a text: tokenise once (no BOS), non-overlapping windows, score every position after the first."""
+    """Perplexity on a text: tokenise once (no BOS), non-overlapping windows, score every position after the first.
+
+    On AVX-512 VNNI CPUs windows multiply at int8 (+0.7% ppl, demo model); SAGEKIT_PREFILL=float32 scores at float32.
+    """
     from sagekit.eval.perplexity import evaluate, windows
     from sagekit.io.text import read_text
 
