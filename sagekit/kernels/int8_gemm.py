@@ -23,7 +23,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from sagekit.kernels.fastmath import FASTMATH
-from sagekit.kernels.llvm_intrinsics import AVX512, ROWS, _has
+from sagekit.kernels.llvm_intrinsics import AVX512, ROWS, _has, _Loop, _splat
 
 VNNI = AVX512 and _has("avx512vnni")
 TOKENS = 12  # tokens per micro-kernel step: 2 x 12 accumulators, 2 weight vectors and a spare of 32 zmm
@@ -31,13 +31,33 @@ PANEL = 2  # 16-row blocks per micro-kernel step
 PANEL_ROWS = PANEL * ROWS
 _I32x16 = ir.VectorType(ir.IntType(32), ROWS)
 _F32x16 = ir.VectorType(ir.FloatType(), ROWS)
-# LLVM 21 retyped the VNNI intrinsics' byte operands from <16 x i32> to <64 x i8>
-_BYTES = ir.VectorType(ir.IntType(8), 64) if llvm_binding.llvm_version_info >= (21,) else _I32x16
+# LLVM 22 retyped the VNNI intrinsics' byte operands from <16 x i32> to <64 x i8> (llvm-project #155194)
+_BYTES = ir.VectorType(ir.IntType(8), 64) if llvm_binding.llvm_version_info >= (22,) else _I32x16
+
+
+def _sums(builder, k4, wq, w0, xq, x0, dot) -> list:
+    """The PANEL x TOKENS int32 sum vectors of one micro-kernel step, carried through K as loop phis."""
+    i64 = ir.IntType(64)
+    loop = _Loop(builder, ir.Constant(i64, 0), k4, carried=PANEL * TOKENS, name="vnni", vector=_I32x16)
+    w_at = builder.add(w0, builder.mul(loop.i, ir.Constant(i64, PANEL_ROWS * 4)))
+    weights = []
+    for j in range(PANEL):
+        p = builder.gep(wq, [builder.add(w_at, ir.Constant(i64, ROWS * 4 * j))])
+        weights.append(builder.load(builder.bitcast(p, _BYTES.as_pointer()), align=1))
+    x_at = builder.add(x0, builder.mul(loop.i, ir.Constant(i64, TOKENS)))
+    following = []
+    for t in range(TOKENS):
+        four = builder.load(builder.gep(xq, [builder.add(x_at, ir.Constant(i64, t))]))
+        xb = builder.bitcast(_splat(builder, four, _I32x16), _BYTES)
+        following += [builder.call(dot, [loop.values[t * PANEL + j], weights[j], xb]) for j in range(PANEL)]
+    loop.end(following)
+    return loop.values
 
 
 @intrinsic
 def _panel(typingctx, y, y0, ystride, xq, x0, k4, wq, w0, sx, corr, sw, s0, tokens):
-    """One micro-kernel step: PANEL x 16 rows by TOKENS tokens, the sums held in registers through K.
+    """One micro-kernel step: PANEL x 16 rows by TOKENS tokens, the sums held in registers through K, then
+    y = sx[t] sw[r] (sum - corr[t]).
 
     Layout: wq uint8 flat, from w0: (k4, PANEL, 16, 4), row i of block j's bytes 4k..4k+3 at
     ((k PANEL + j) 16 + i) 4, stored q + 128; xq int32 flat, from x0: (k4, TOKENS), each int32 four int8
@@ -49,60 +69,25 @@ def _panel(typingctx, y, y0, ystride, xq, x0, k4, wq, w0, sx, corr, sw, s0, toke
 
     def codegen(context, builder, sig, args):
         y_v, y0_v, ys_v, xq_v, x0_v, k4_v, wq_v, w0_v, sx_v, corr_v, sw_v, s0_v, n_v = args
-        i64, i32 = ir.IntType(64), ir.IntType(32)
-        data = [context.make_array(sig.args[i])(context, builder, args[i]).data for i in range(len(args))
-                if isinstance(sig.args[i], types.Array)]
-        y_d, xq_d, wq_d, sx_d, corr_d, sw_d = data
+        i64 = ir.IntType(64)
+        y_d, xq_d, wq_d, sx_d, corr_d, sw_d = (context.make_array(ty)(context, builder, v).data
+                                               for ty, v in zip(sig.args, args) if isinstance(ty, types.Array))
         dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32x16, [_I32x16, _BYTES, _BYTES]),
                                              "llvm.x86.avx512.vpdpbusd.512")
-        pre = builder.block
-        head, body, done = (builder.append_basic_block(n) for n in ("vnni.head", "vnni.body", "vnni.done"))
-        builder.branch(head)
-        builder.position_at_end(head)
-        k = builder.phi(i64)
-        k.add_incoming(ir.Constant(i64, 0), pre)
-        accs = [builder.phi(_I32x16) for _ in range(PANEL * TOKENS)]
-        for a in accs:
-            a.add_incoming(ir.Constant(_I32x16, None), pre)
-        builder.cbranch(builder.icmp_signed("<", k, k4_v), body, done)
-        builder.position_at_end(body)
-        w_at = builder.add(w0_v, builder.mul(k, ir.Constant(i64, PANEL_ROWS * 4)))
-        weights = []
-        for j in range(PANEL):
-            p = builder.gep(wq_d, [builder.add(w_at, ir.Constant(i64, ROWS * 4 * j))])
-            weights.append(builder.load(builder.bitcast(p, _BYTES.as_pointer()), align=1))
-        x_at = builder.add(x0_v, builder.mul(k, ir.Constant(i64, TOKENS)))
-        following = [None] * len(accs)
-        for t in range(TOKENS):
-            xv = builder.load(builder.gep(xq_d, [builder.add(x_at, ir.Constant(i64, t))]))
-            one = builder.insert_element(ir.Constant(_I32x16, None), xv, ir.Constant(i32, 0))
-            xb = builder.bitcast(builder.shuffle_vector(one, one, ir.Constant(_I32x16, [0] * ROWS)), _BYTES)
-            for j in range(PANEL):
-                following[t * PANEL + j] = builder.call(dot, [accs[t * PANEL + j], weights[j], xb])
-        for a, nxt in zip(accs, following):
-            a.add_incoming(nxt, body)
-        k.add_incoming(builder.add(k, ir.Constant(i64, 1)), body)
-        builder.branch(head)
-        builder.position_at_end(done)
-        scales = []
-        for j in range(PANEL):
-            p = builder.gep(sw_d, [builder.add(s0_v, ir.Constant(i64, ROWS * j))])
-            scales.append(builder.load(builder.bitcast(p, _F32x16.as_pointer()), align=4))
+        sums = _sums(builder, k4_v, wq_d, w0_v, xq_d, x0_v, dot)
+        scales = [builder.load(builder.bitcast(builder.gep(sw_d, [builder.add(s0_v, ir.Constant(i64, ROWS * j))]),
+                                               _F32x16.as_pointer()), align=4) for j in range(PANEL)]
         for t in range(TOKENS):
             tc = ir.Constant(i64, t)
             with builder.if_then(builder.icmp_signed("<", tc, n_v)):
-                c = builder.load(builder.gep(corr_d, [tc]))
-                c = builder.shuffle_vector(builder.insert_element(ir.Constant(_I32x16, None), c, ir.Constant(i32, 0)),
-                                           ir.Constant(_I32x16, None), ir.Constant(_I32x16, [0] * ROWS))
-                s = builder.load(builder.gep(sx_d, [tc]))
-                s = builder.shuffle_vector(builder.insert_element(ir.Constant(_F32x16, None), s, ir.Constant(i32, 0)),
-                                           ir.Constant(_F32x16, None), ir.Constant(_I32x16, [0] * ROWS))
+                c = _splat(builder, builder.load(builder.gep(corr_d, [tc])), _I32x16)
+                s = _splat(builder, builder.load(builder.gep(sx_d, [tc])))
                 row0 = builder.add(y0_v, builder.mul(tc, ys_v))
                 for j in range(PANEL):
-                    v = builder.sitofp(builder.sub(accs[t * PANEL + j], c), _F32x16)
-                    v = builder.fmul(builder.fmul(v, s), scales[j])
+                    v = builder.sitofp(builder.sub(sums[t * PANEL + j], c), _F32x16)
                     p = builder.gep(y_d, [builder.add(row0, ir.Constant(i64, ROWS * j))])
-                    builder.store(v, builder.bitcast(p, _F32x16.as_pointer()), align=4)
+                    builder.store(builder.fmul(builder.fmul(v, s), scales[j]),
+                                  builder.bitcast(p, _F32x16.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return types.void(y, y0, ystride, xq, x0, k4, wq, w0, sx, corr, sw, s0, tokens), codegen

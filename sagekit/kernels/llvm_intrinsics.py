@@ -172,11 +172,11 @@ def lut_planes(typingctx, acc, a0, acc_stride, planes, w0, tab, t0, tab_stride, 
 
 
 class _Loop:
-    """for i in range(start, stop, step) in LLVM IR, carrying `carried` float vectors (zero on entry) from one
-    iteration to the next. The body is what is emitted between the constructor and end(next values), which
-    leaves the builder after the loop; `values` then holds the vectors' final state."""
+    """for i in range(start, stop, step) in LLVM IR, carrying `carried` vectors of type `vector` (zero on entry)
+    from one iteration to the next. The body is what is emitted between the constructor and end(next values),
+    which leaves the builder after the loop; `values` then holds the vectors' final state."""
 
-    def __init__(self, builder, start, stop, step: int = 1, carried: int = 0, name: str = "loop"):
+    def __init__(self, builder, start, stop, step: int = 1, carried: int = 0, name: str = "loop", vector=_F16):
         pre = builder.block
         self.builder, self.step = builder, step
         self.head = builder.append_basic_block(f"{name}.head")
@@ -186,9 +186,9 @@ class _Loop:
         builder.position_at_end(self.head)
         self.i = builder.phi(start.type)
         self.i.add_incoming(start, pre)
-        self.values = [builder.phi(_F16) for _ in range(carried)]
+        self.values = [builder.phi(vector) for _ in range(carried)]
         for v in self.values:
-            v.add_incoming(ir.Constant(_F16, None), pre)
+            v.add_incoming(ir.Constant(vector, None), pre)
         builder.cbranch(builder.icmp_signed("<", self.i, stop), body, self.done)
         builder.position_at_end(body)
 
@@ -216,9 +216,10 @@ def pow2(typingctx, n):
     return types.float32(n), codegen
 
 
-def _splat(builder, value):
-    one = builder.insert_element(ir.Constant(_F16, None), value, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(one, ir.Constant(_F16, None), ir.Constant(_I16, [0] * ROWS))
+def _splat(builder, value, vector=_F16):
+    """`value` in every lane of a 16-lane vector."""
+    one = builder.insert_element(ir.Constant(vector, None), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, ir.Constant(vector, None), ir.Constant(_I16, [0] * ROWS))
 
 
 @intrinsic
