@@ -26,16 +26,19 @@ def random_vq(shape: tuple[int, int], dim: int, seed: int):
     return pack_vq(codes, rng.uniform(0.5, 2.0, shape[0]), book, seed)
 
 
-def assert_product(y: np.ndarray, x: np.ndarray, w: np.ndarray, rtol: float) -> None:
+def assert_product(y: np.ndarray, x: np.ndarray, w: np.ndarray, rtol: float,
+                   row_steps: np.ndarray | None = None) -> None:
     """y against x @ w.T: to rtol of the largest entry where the product ran at float32, or within the bound
-    that rounding each token and row to int8 allows where tiles.tiled_matmul ran it at int8 (int8_gemm.py)."""
+    that rounding each token and row to int8 allows where tiles.tiled_matmul ran it at int8 (int8_gemm.py).
+    row_steps: each row's int8 step where it is not max |w_r| / 127 (a grid's levels rounded at one scale)."""
     from sagekit.kernels import tiles
 
     ref = x.astype(np.float64) @ w.T.astype(np.float64)
     if not (tiles.INT8 and x.shape[0] >= tiles.INT8_MIN_TOKENS):
         np.testing.assert_allclose(y, ref, rtol=rtol, atol=rtol * np.abs(ref).max())
         return
-    sx, sw = np.abs(x).max(1)[:, None] / 127, np.abs(w).max(1)[None, :] / 127
+    sx = np.abs(x).max(1)[:, None] / 127
+    sw = (np.abs(w).max(1) / 127 if row_steps is None else np.abs(row_steps))[None, :]
     bound = sx / 2 * np.abs(w).sum(1)[None, :] + sw / 2 * np.abs(x).sum(1)[:, None] + x.shape[1] * sx * sw / 4
     excess = np.abs(y - ref) - bound * (1 + 1e-5) - 1e-6 * np.abs(ref).max()
     assert (excess <= 0).all(), f"int8 product off its rounding bound by up to {excess.max():.3g}"

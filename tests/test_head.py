@@ -17,6 +17,7 @@ from sagekit.io.checkpoint import Checkpoint
 from sagekit.io.inspect import packed_bits
 from sagekit.io.packed import read_packed
 from sagekit.io.synthetic import write_random_checkpoint
+from sagekit.kernels import tiles
 from sagekit.model.generate import generate
 from sagekit.model.load import load_model
 
@@ -128,3 +129,16 @@ def test_the_default_head_is_5_bits_calibrated_and_fp16_data_free(src, tmp_path)
     assert compress(src, tmp_path / "cal", "--bits", "4", *calib)["totals"]["head_bits"] == 5
     assert compress(src, tmp_path / "free", "--bits", "4")["totals"]["head_bits"] == 16
     assert compress(src, tmp_path / "kept", "--bits", "4", "--head-bits", "16", *calib)["totals"]["head_bits"] == 16
+
+
+@pytest.mark.skipif(not tiles.INT8, reason="prefill products run at int8 only with AVX-512 VNNI")
+def test_the_packed_head_keeps_its_prefill_products_at_float32(src, tmp_path, monkeypatch):
+    """The body's prefill products may run at int8; the head's logits do not (they cost perplexity there):
+    40 tokens of logits are the same with the int8 GEMM allowed or not."""
+    compress(src, tmp_path / "h5", "--head-bits", "5")
+    head = load_model(tmp_path / "h5", get_backend("cpu"), 64).weights.lm_head
+    assert head.kernel in {"level", "book"}
+    x = np.random.default_rng(0).standard_normal((tiles.INT8_MIN_TOKENS + 8, head.in_features)).astype(np.float32)
+    allowed = head(x)
+    monkeypatch.setattr(tiles, "INT8", False)
+    np.testing.assert_array_equal(allowed, head(x))

@@ -91,7 +91,7 @@ def eval_cmd(
 ) -> None:
     """Perplexity on a text: tokenise once (no BOS), non-overlapping windows, score every position after the first.
 
-    On AVX-512 VNNI CPUs windows multiply at int8 (+0.7% ppl, demo model); SAGEKIT_PREFILL=float32 scores at float32.
+    On AVX-512 VNNI CPUs windows multiply at int8 (+0.2-0.4% ppl, demo model); SAGEKIT_PREFILL=float32: float32.
     """
     from sagekit.eval.perplexity import evaluate, windows
     from sagekit.io.text import read_text

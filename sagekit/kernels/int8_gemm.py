@@ -1,5 +1,6 @@
 """Prefill GEMM at int8 (AVX-512 VNNI, Numba): y = x @ W.T with each token of x rounded to int8 at its own
-scale and each decoded row of W at its own, as llama.cpp's Q8_0 activations meet its Q4_0 weights.
+scale, as llama.cpp rounds its activations to Q8_0, and W's rows as int8 bytes at a scale per row, which the
+codebook and level kernels decode straight from their codes (byte_table: a `sage-vq` codebook is int8 already).
 
 Why: a 512-token prefill spent 0.58 of its 0.86 s in float32 BLAS, which OpenBLAS already runs at 87% of
 the CPU's float32 peak (200 of 231 GFLOP/s, two Zen 4 cores). One `vpdpbusd` does 64 multiply-adds where an
@@ -7,8 +8,8 @@ FMA does 16: 918 GOP/s in a register-only loop (BENCHMARKS, session 20). The cos
 8 bits, which the rotation ahead of every codebook matmul makes gentle (no outlier sets the scale of a token).
 
 The byte products are unsigned weight times signed input, what `vpdpbusd` multiplies: a weight is stored as
-q + 128 (q = round(w / s_row) in -127..127), so sum (q + 128) x = sum q x + 128 sum x, and the second term,
-one number per token, is taken off before scaling.
+q + 128 (q in -127..127), so sum (q + 128) x = sum q x + 128 sum x, and the second term, one number per
+token, is taken off before scaling.
 """
 
 from __future__ import annotations
@@ -106,10 +107,10 @@ def _as_float(typingctx, bits):
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
-def _round_row(src: np.ndarray, dst: np.ndarray, offset: np.float32) -> np.float32:
-    """dst[:src.size] = round(src / s) + offset at the scale s = max |src| / 127, offset past src.size;
-    returns s (0 for a zero row). The max runs on the float bits with the sign cleared, whose integer
-    order is the floats': an integer max vectorises, a float one without reassociation does not (3.6x)."""
+def _round_token(src: np.ndarray, dst: np.ndarray) -> np.float32:
+    """dst = round(src / s) (int8, zeros past src.size) at the scale s = max |src| / 127; returns s (0 for a
+    zero token). The max runs on the float bits with the sign cleared, whose integer order is the floats': an
+    integer max vectorises, a float one without reassociation does not (3.6x)."""
     bits = src.view(np.int32)
     top_bits = np.int32(0)
     for c in range(bits.size):
@@ -117,9 +118,8 @@ def _round_row(src: np.ndarray, dst: np.ndarray, offset: np.float32) -> np.float
     top = _as_float(np.int32(top_bits))
     inv = np.float32(127.0) / top if top > 0 else np.float32(0.0)
     for c in range(src.size):
-        dst[c] = np.uint8(np.rint(src[c] * inv) + offset)
-    for c in range(src.size, dst.size):
-        dst[c] = np.uint8(offset)
+        dst[c] = np.int8(np.rint(src[c] * inv))
+    dst[src.size:] = 0
     return top / np.float32(127.0)
 
 
@@ -127,15 +127,15 @@ def _round_row(src: np.ndarray, dst: np.ndarray, offset: np.float32) -> np.float
 def quantize_tokens(x: np.ndarray, rows: np.ndarray, xq: np.ndarray, sx: np.ndarray, corr: np.ndarray) -> None:
     """x float32 (T, K) into xq int32 (groups, k4, TOKENS) flat, four int8 inputs a word, sx float32 the
     token scales and corr int32 = 128 sum_k q[t, k] (groups = ceil(T / TOKENS); tokens past T are zero).
-    rows: uint8 (groups TOKENS, 4 k4) scratch, the rounded tokens before their interleaving."""
+    rows: int8 (groups TOKENS, 4 k4) scratch, the rounded tokens before their interleaving."""
     n = x.shape[0]
     k4 = rows.shape[1] // 4
     for t in prange(sx.size):
         if t < n:
-            sx[t] = _round_row(x[t], rows[t], np.float32(0.0))
+            sx[t] = _round_token(x[t], rows[t])
             total = 0
             for c in range(x.shape[1]):
-                total += np.int8(rows[t, c])
+                total += rows[t, c]
             corr[t] = 128 * total
         else:
             rows[t, :] = 0
@@ -147,19 +147,11 @@ def quantize_tokens(x: np.ndarray, rows: np.ndarray, xq: np.ndarray, sx: np.ndar
                 xq[(g * k4 + k) * TOKENS + u] = words[g * TOKENS + u, k]
 
 
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
-def pack_rows(tile: np.ndarray, rows: np.ndarray, wq: np.ndarray, sw: np.ndarray) -> None:
-    """Rows of a float32 tile (n, K) into wq int32 (panels, k4, PANEL x 16) flat, each word row r's four bytes
-    q + 128 with q = round(w / sw[r]) at the row's own scale sw[r] = max |w| / 127; rows past n are zeros
-    at scale 0. rows: uint8 (panels PANEL_ROWS, 4 k4) scratch, the rounded rows before their interleaving."""
-    n = tile.shape[0]
+@njit(cache=True, parallel=True)
+def interleave_rows(rows: np.ndarray, wq: np.ndarray) -> None:
+    """Byte rows (panels PANEL_ROWS, 4 k4) into the GEMM's layout, wq int32 (panels, k4, PANEL_ROWS) flat:
+    each word a row's four bytes 4k..4k+3."""
     k4 = rows.shape[1] // 4
-    for r in prange(rows.shape[0]):
-        if r < n:
-            sw[r] = _round_row(tile[r], rows[r], np.float32(128.0))
-        else:
-            rows[r, :] = 128
-            sw[r] = 0.0
     words = rows.view(np.int32)
     for p in prange(rows.shape[0] // PANEL_ROWS):
         for k in range(k4):
@@ -170,7 +162,7 @@ def pack_rows(tile: np.ndarray, rows: np.ndarray, wq: np.ndarray, sw: np.ndarray
 @njit(cache=True, parallel=True)
 def gemm(y: np.ndarray, col0: int, n_tok: int, xq: np.ndarray, k4: int, sx: np.ndarray, corr: np.ndarray,
          wq: np.ndarray, sw: np.ndarray) -> None:
-    """y[:n_tok, col0 : col0 + rows] = (x @ W.T) from quantize_tokens' and pack_rows' arrays (rows =
+    """y[:n_tok, col0 : col0 + rows] = (x @ W.T) from quantize_tokens' and interleave_rows' arrays (rows =
     sw.size, a multiple of PANEL_ROWS; y float32 (n_tok, >= col0 + rows) C-contiguous)."""
     ystride = y.shape[1]
     yf = y.reshape(-1)
@@ -180,6 +172,17 @@ def gemm(y: np.ndarray, col0: int, n_tok: int, xq: np.ndarray, k4: int, sx: np.n
             t0 = g * TOKENS
             _panel(yf, t0 * ystride + col0 + p * PANEL_ROWS, ystride, xq, g * k4 * TOKENS, k4,
                    wq, p * k4 * PANEL_ROWS * 4, sx[t0:], corr[t0:], sw, p * PANEL_ROWS, min(TOKENS, n_tok - t0))
+
+
+def byte_table(values: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """A matrix's few distinct weights before its row scales (a codebook, a grid's levels) rounded to int8 at
+    one scale s = max |value| / 127 and stored q + 128, and s: a row's int8 scale is its own scale times s, so
+    its bytes come straight from the codes. A `sage-vq` codebook is stored as int8 at that very scale, so its
+    bytes are exact: vq203's products erred 0.73-0.81% (the tokens' rounding alone) against 0.95-0.99% with each
+    decoded row rounded at its own max."""
+    top = np.float32(np.abs(values).max()) if values.size else np.float32(0.0)
+    s = top / np.float32(127.0) if top > 0 else np.float32(1.0)
+    return (np.rint(values / s) + 128).astype(np.uint8), s
 
 
 _local = threading.local()
@@ -201,16 +204,23 @@ class RoundedTokens:
         self.n_tok, width = x.shape
         self.k4 = k4 = -(-width // 4)
         slots = -(-self.n_tok // TOKENS) * TOKENS
-        rows = _buffer("xrows", slots * 4 * k4, np.uint8).reshape(slots, 4 * k4)
+        rows = _buffer("xrows", slots * 4 * k4, np.int8).reshape(slots, 4 * k4)
         self.xq = _buffer("xq", slots * k4, np.int32)
         self.sx, self.corr = _buffer("sx", slots, np.float32), _buffer("corr", slots, np.int32)
         quantize_tokens(x, rows, self.xq, self.sx, self.corr)
 
-    def multiply(self, tile: np.ndarray, y: np.ndarray, col0: int) -> None:
-        """y[:, col0 : col0 + n] = x @ tile.T for a float32 tile (n, K), its rows rounded to int8 on the way;
-        y float32 (T, >= col0 + n rounded up to PANEL_ROWS), C-contiguous."""
-        n = -(-tile.shape[0] // PANEL_ROWS) * PANEL_ROWS
-        rows = _buffer("wrows", n * 4 * self.k4, np.uint8).reshape(n, 4 * self.k4)
-        wq, sw = _buffer("wq", n * self.k4, np.int32), _buffer("sw", n, np.float32)
-        pack_rows(tile, rows, wq, sw)
+    def row_buffers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scratch for n weight rows rounded to int8: (uint8 (n rounded up to PANEL_ROWS, 4 k4), their float32
+        scales), for multiply_rows; rows past n are made zero there."""
+        padded = -(-n // PANEL_ROWS) * PANEL_ROWS
+        rows = _buffer("wrows", padded * 4 * self.k4, np.uint8).reshape(padded, 4 * self.k4)
+        return rows, _buffer("sw", padded, np.float32)
+
+    def multiply_rows(self, n: int, rows: np.ndarray, sw: np.ndarray, y: np.ndarray, col0: int) -> None:
+        """y[:, col0 : col0 + n] = x @ W.T for the first n rows of row_buffers' arrays (q + 128 bytes, 128 past
+        the weight's width, and their scales); y float32 (T, >= col0 + n rounded up to PANEL_ROWS),
+        C-contiguous."""
+        rows[n:], sw[n:] = 128, 0.0
+        wq = _buffer("wq", rows.shape[0] * self.k4, np.int32)
+        interleave_rows(rows, wq)
         gemm(y, col0, self.n_tok, self.xq, self.k4, self.sx, self.corr, wq.view(np.uint8), sw)

@@ -22,6 +22,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from sagekit.format.sage_grid import PackedGrid
+from sagekit.kernels import int8_gemm
 from sagekit.kernels.fastmath import FASTMATH
 from sagekit.kernels.llvm_intrinsics import _F16, _I16, AVX512, ROWS, _Loop, _splat
 from sagekit.kernels.serial_twin import serial_twin
@@ -219,15 +220,26 @@ def _decode(w: LevelCPU, rows: np.ndarray, tile: np.ndarray, serial: bool = Fals
     (_SERIAL[kernel] if serial else kernel)(w.codes, w.levels, w.scale, w.chunks, w.bits, rows, tile)
 
 
-def level_matmul(x: np.ndarray, w: LevelCPU) -> np.ndarray:
-    """float32 (T, out) = x (T, in) @ W_hat.T (no rotation: the caller's)."""
+def _decode_bytes(w: LevelCPU, r0: int, r1: int, rows: np.ndarray, scales: np.ndarray) -> None:
+    """rows[:r1 - r0] = the int8 GEMM's rows r0..r1, and their scales: the same decoders, given the levels as
+    bytes (int8_gemm.byte_table) and unit scales, write q + 128 where they write scale * level."""
+    levels, s = int8_gemm.byte_table(w.levels)
+    kernel = _decode_words if 32 % w.bits == 0 else _decode_string
+    kernel(w.codes, levels, np.ones(r1, dtype=np.uint8), w.chunks, w.bits, np.arange(r0, r1), rows)
+    scales[: r1 - r0] = w.scale[r0:r1] * s
+
+
+def level_matmul(x: np.ndarray, w: LevelCPU, int8: bool = True) -> np.ndarray:
+    """float32 (T, out) = x (T, in) @ W_hat.T (no rotation: the caller's); int8=False keeps a prefill's
+    product off the int8 GEMM (tiles.tiled_matmul)."""
     out, width = w.shape[0], w.chunks * CHUNK
     xp = padded(x, width)
     if xp.shape[0] <= TABLE_MAX_TOKENS and AVX512:
         small = xp.shape[0] * w.shape[0] * w.shape[1] < PARALLEL_MIN_WEIGHTS
         y = (_level_matmul_serial if small else _level_matmul)(xp, w.codes, w.table, w.chunks, w.bits)
         return y[:, :out] * w.scale
-    return tiled_matmul(xp, out, width, lambda r0, r1, tile: _decode(w, np.arange(r0, r1), tile))
+    return tiled_matmul(xp, out, width, lambda r0, r1, tile: _decode(w, np.arange(r0, r1), tile),
+                        (lambda r0, r1, rows, scales: _decode_bytes(w, r0, r1, rows, scales)) if int8 else None)
 
 
 def level_rows(w: LevelCPU, rows: np.ndarray) -> np.ndarray:

@@ -43,23 +43,31 @@ def padded(x: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
-def tiled_matmul(x: np.ndarray, out_features: int, width: int,
-                 decode: Callable[[int, int, np.ndarray], None]) -> np.ndarray:
+def tiled_matmul(x: np.ndarray, out_features: int, width: int, decode: Callable[[int, int, np.ndarray], None],
+                 decode_bytes: Callable[[int, int, np.ndarray, np.ndarray], None] | None = None) -> np.ndarray:
     """float32 (T, out_features) = x (T, width) @ W.T, where decode(r0, r1, tile) writes rows r0..r1 of W as
-    float32 into tile (r1 - r0, width). From INT8_MIN_TOKENS tokens on, on a CPU with AVX-512 VNNI, the
-    product runs at int8 (int8_gemm.py) unless SAGEKIT_PREFILL=float32."""
+    float32 into tile (r1 - r0, width) for BLAS. From INT8_MIN_TOKENS tokens on, on a CPU with AVX-512 VNNI,
+    where the layout gives decode_bytes(r0, r1, rows, scales), the product runs at int8 instead (int8_gemm.py;
+    not with SAGEKIT_PREFILL=float32): decode_bytes writes the rows as int8 (q + 128, uint8 (r1 - r0, >= width),
+    128 past width) and their float32 scales."""
     rows = max(ROW_ALIGN, TILE_FLOATS // max(width, 1) // ROW_ALIGN * ROW_ALIGN)
     rows = min(rows, -(-out_features // ROW_ALIGN) * ROW_ALIGN)
-    buf = _scratch(rows * width)
-    if INT8 and x.shape[0] >= INT8_MIN_TOKENS:
+    if INT8 and decode_bytes is not None and x.shape[0] >= INT8_MIN_TOKENS:
         y = np.empty((x.shape[0], -(-out_features // ROW_ALIGN) * ROW_ALIGN), dtype=np.float32)
-        multiply = int8_gemm.RoundedTokens(x).multiply
+        tokens = int8_gemm.RoundedTokens(x)
+
+        def step(r0: int, r1: int) -> None:
+            byte_rows, scales = tokens.row_buffers(r1 - r0)
+            decode_bytes(r0, r1, byte_rows, scales)
+            tokens.multiply_rows(r1 - r0, byte_rows, scales, y, r0)
     else:
         y = np.empty((x.shape[0], out_features), dtype=np.float32)
-        multiply = lambda tile, y, r0: np.matmul(x, tile.T, out=y[:, r0 : r0 + tile.shape[0]])  # noqa: E731
+        buf = _scratch(rows * width)
+
+        def step(r0: int, r1: int) -> None:
+            tile = buf[: (r1 - r0) * width].reshape(r1 - r0, width)
+            decode(r0, r1, tile)
+            np.matmul(x, tile.T, out=y[:, r0:r1])
     for r0 in range(0, out_features, rows):
-        r1 = min(out_features, r0 + rows)
-        tile = buf[: (r1 - r0) * width].reshape(r1 - r0, width)
-        decode(r0, r1, tile)
-        multiply(tile, y, r0)
+        step(r0, min(out_features, r0 + rows))
     return y if y.shape[1] == out_features else np.ascontiguousarray(y[:, :out_features])

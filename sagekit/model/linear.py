@@ -92,9 +92,11 @@ class GridLinear:
       * "book": vq codebooks and 1-bit grids, on the codebook kernel at one byte per run of weights;
       * "half": the rest (grids of 6+ bits, or free levels without AVX-512), decoded once to FP16 at load,
         y = (s * levels[codes]) (R x) in the FP16 kernel, 2 bytes a weight.
+    "level" and "book" run a prefill's product at int8 where the CPU has AVX-512 VNNI (kernels/tiles.py);
+    int8_prefill=False keeps float32 (the head: load.load_embedding).
     """
 
-    def __init__(self, packed: Any, backend: Any):
+    def __init__(self, packed: Any, backend: Any, int8_prefill: bool = True):
         from sagekit.format import rotation
         from sagekit.kernels import cpu
 
@@ -114,9 +116,11 @@ class GridLinear:
             scale = self._scale = packed.scale.astype(np.float32)
             self._matmul = lambda x, w: w(x) * scale
         elif hasattr(packed, "levels") and packed.bits in cpu.LEVEL_BITS and cpu.AVX512:
-            self.kernel, self._weights, self._matmul = "level", cpu.prepare_levels(packed), cpu.level_matmul
+            self.kernel, self._weights = "level", cpu.prepare_levels(packed)
+            self._matmul = lambda x, w: cpu.level_matmul(x, w, int8_prefill)
         elif cpu.run_length(packed) >= cpu.MIN_RUN:
-            self.kernel, self._weights, self._matmul = "book", cpu.prepare_codebook(packed), cpu.codebook_matmul
+            self.kernel, self._weights = "book", cpu.prepare_codebook(packed)
+            self._matmul = lambda x, w: cpu.codebook_matmul(x, w, int8_prefill)
         else:
             self.kernel, self._weights = "half", HalfLinear(packed.rotated().astype(np.float16))
             self._matmul = lambda x, w: w(x)
