@@ -194,20 +194,23 @@ def _decode_words(codes, levels, scale, chunks, bits, rows, tile):
 @njit(cache=True, parallel=True)
 def _decode_string(codes, levels, scale, chunks, bits, rows, tile):
     """_decode_words for 3 and 5 bits: column c's code starts at bit B c of the chunk's words, and straddles two
-    words where it crosses a multiple of 32."""
+    words where it crosses a multiple of 32. The words stream through a 64-bit buffer, refilled when it holds
+    fewer than B bits, instead of locating each code's word and shift."""
     mask = (1 << bits) - 1
     for i in prange(rows.size):
         r = rows[i]  # indexing the 2-D tile here ran faster than a row's view, the other way round from above
         b, lane, s = r // ROWS, r % ROWS, scale[r]
         for k in range(chunks):
-            base = (b * chunks + k) * bits * ROWS + lane
+            at = (b * chunks + k) * bits * ROWS + lane
+            buf, held = np.int64(0), 0
             for c in range(CHUNK):
-                at = bits * c
-                w, shift = at >> 5, at & 31
-                code = np.int64(codes[base + w * ROWS]) >> shift
-                if shift + bits > 32:
-                    code |= np.int64(codes[base + (w + 1) * ROWS]) << (32 - shift)
-                tile[i, k * CHUNK + c] = s * levels[code & mask]
+                if held < bits:
+                    buf |= np.int64(codes[at]) << held
+                    at += ROWS
+                    held += 32
+                tile[i, k * CHUNK + c] = s * levels[buf & mask]
+                buf >>= bits
+                held -= bits
 
 
 _SERIAL = {_decode_words: serial_twin(_decode_words), _decode_string: serial_twin(_decode_string)}
