@@ -14,8 +14,6 @@ token, is taken off before scaling.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 from llvmlite import binding as llvm_binding
 from llvmlite import ir
@@ -23,6 +21,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from sagekit.kernels import scratch
 from sagekit.kernels.fastmath import FASTMATH
 from sagekit.kernels.llvm_intrinsics import AVX512, ROWS, _has, _Loop, _splat
 
@@ -185,18 +184,6 @@ def byte_table(values: np.ndarray) -> tuple[np.ndarray, np.float32]:
     return (np.rint(values / s) + 128).astype(np.uint8), s
 
 
-_local = threading.local()
-
-
-def _buffer(name: str, n: int, dtype: type) -> np.ndarray:
-    """A per-thread scratch array of at least n items, kept between calls (a fresh one costs page faults)."""
-    buf = getattr(_local, name, None)
-    if buf is None or buf.size < n:
-        buf = np.empty(n, dtype=dtype)
-        setattr(_local, name, buf)
-    return buf[:n]
-
-
 class RoundedTokens:
     """x (T, K) rounded to int8 once, for the row tiles of one matrix to be multiplied by in turn."""
 
@@ -204,23 +191,23 @@ class RoundedTokens:
         self.n_tok, width = x.shape
         self.k4 = k4 = -(-width // 4)
         slots = -(-self.n_tok // TOKENS) * TOKENS
-        rows = _buffer("xrows", slots * 4 * k4, np.int8).reshape(slots, 4 * k4)
-        self.xq = _buffer("xq", slots * k4, np.int32)
-        self.sx, self.corr = _buffer("sx", slots, np.float32), _buffer("corr", slots, np.int32)
+        rows = scratch.buffer("xrows", slots * 4 * k4, np.int8).reshape(slots, 4 * k4)
+        self.xq = scratch.buffer("xq", slots * k4, np.int32)
+        self.sx, self.corr = scratch.buffer("sx", slots, np.float32), scratch.buffer("corr", slots, np.int32)
         quantize_tokens(x, rows, self.xq, self.sx, self.corr)
 
     def row_buffers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Scratch for n weight rows rounded to int8: (uint8 (n rounded up to PANEL_ROWS, 4 k4), their float32
         scales), for multiply_rows; rows past n are made zero there."""
         padded = -(-n // PANEL_ROWS) * PANEL_ROWS
-        rows = _buffer("wrows", padded * 4 * self.k4, np.uint8).reshape(padded, 4 * self.k4)
-        return rows, _buffer("sw", padded, np.float32)
+        rows = scratch.buffer("wrows", padded * 4 * self.k4, np.uint8).reshape(padded, 4 * self.k4)
+        return rows, scratch.buffer("sw", padded, np.float32)
 
     def multiply_rows(self, n: int, rows: np.ndarray, sw: np.ndarray, y: np.ndarray, col0: int) -> None:
         """y[:, col0 : col0 + n] = x @ W.T for the first n rows of row_buffers' arrays (q + 128 bytes, 128 past
         the weight's width, and their scales); y float32 (T, >= col0 + n rounded up to PANEL_ROWS),
         C-contiguous."""
         rows[n:], sw[n:] = 128, 0.0
-        wq = _buffer("wq", rows.shape[0] * self.k4, np.int32)
+        wq = scratch.buffer("wq", rows.shape[0] * self.k4, np.int32)
         interleave_rows(rows, wq)
         gemm(y, col0, self.n_tok, self.xq, self.k4, self.sx, self.corr, wq.view(np.uint8), sw)

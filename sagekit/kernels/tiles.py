@@ -3,34 +3,24 @@ decoded into a reused per-thread tile that BLAS multiplies (or, with AVX-512 VNN
 
 From a few tokens on, BLAS on decoded rows beats a lookup per weight. Tiles of up to TILE_FLOATS hold each of
 the demo model's matrices whole: BLAS ran its 512 x 576 x 1536 GEMM at 150 GFLOP/s whole against 117 in
-128-row tiles. The tile is kept between calls (one per thread, grown on demand), since a fresh 4 MB array
-costs its page faults on every call.
+128-row tiles. The tile is kept between calls (scratch.py).
 """
 
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable
 
 import numpy as np
 
-from sagekit.kernels import int8_gemm
+from sagekit.kernels import int8_gemm, scratch
 
 TILE_FLOATS = 1 << 20  # 4 MB of float32 rows a tile
 ROW_ALIGN = int8_gemm.PANEL_ROWS  # tiles start on a 32-row panel: the int8 GEMM's, two of the layouts' 16-row blocks
-# int8 from this many tokens on: below, rounding each tile of weights costs more than BLAS saves
+# int8 from this many tokens on (and shorter prompts take the fused decode step anyway): layer 5 of vq203 and
+# g305h5 ran at 0.86-2.4x float32's speed at 8 tokens, 0.97-2.1x at 32, 1.03-2.1x at 64 (session 20)
 INT8_MIN_TOKENS = 32
 INT8 = int8_gemm.VNNI and os.environ.get("SAGEKIT_PREFILL", "int8") != "float32"
-
-_local = threading.local()
-
-
-def _scratch(n: int) -> np.ndarray:
-    buf = getattr(_local, "tile", None)
-    if buf is None or buf.size < n:
-        buf = _local.tile = np.empty(n, dtype=np.float32)
-    return buf
 
 
 def padded(x: np.ndarray, width: int) -> np.ndarray:
@@ -62,7 +52,7 @@ def tiled_matmul(x: np.ndarray, out_features: int, width: int, decode: Callable[
             tokens.multiply_rows(r1 - r0, byte_rows, scales, y, r0)
     else:
         y = np.empty((x.shape[0], out_features), dtype=np.float32)
-        buf = _scratch(rows * width)
+        buf = scratch.buffer("tile", rows * width, np.float32)
 
         def step(r0: int, r1: int) -> None:
             tile = buf[: (r1 - r0) * width].reshape(r1 - r0, width)
