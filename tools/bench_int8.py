@@ -1,7 +1,7 @@
 """The int8 prefill GEMM (sagekit/kernels/int8_gemm.py) against OpenBLAS float32 on the same shapes, in one run.
 
 Each shape times, alternating over rounds (medians): OpenBLAS's `x @ W.T` in float32; the int8 GEMM alone
-(`gemm`); rounding the tokens (`RoundedTokens`) and laying the byte rows out for it (`interleave_rows`), which
+(`gemm`); rounding the tokens (`RoundedTokens`) and laying the byte rows out for it (`interleave`), which
 the prefill pays on every call, besides decoding the rows from the codes (the layout's part, not timed here).
 
     python tools/bench_int8.py --tokens 512 --rounds 5 --json int8.json
@@ -47,7 +47,7 @@ def measure(tokens: int, width: int, out: int, repeats: int) -> dict[str, float]
     rows[:out, :width] = q + 128
     sw[:] = 1.0
     wq = np.empty(rows.shape[0] * rounded.k4, np.int32)
-    int8_gemm.interleave_rows(rows, wq)
+    int8_gemm.interleave(rows, wq, int8_gemm.PANEL_ROWS)
     y = np.empty((tokens, rows.shape[0]), np.float32)
     wb = wq.view(np.uint8)
     return {
@@ -55,7 +55,7 @@ def measure(tokens: int, width: int, out: int, repeats: int) -> dict[str, float]
         "gemm_s": _best(lambda: int8_gemm.gemm(y, 0, tokens, rounded.xq, rounded.k4, rounded.sx, rounded.corr,
                                                wb, sw), repeats),
         "tokens_s": _best(lambda: int8_gemm.RoundedTokens(x), repeats),
-        "interleave_s": _best(lambda: int8_gemm.interleave_rows(rows, wq), repeats),
+        "interleave_s": _best(lambda: int8_gemm.interleave(rows, wq, int8_gemm.PANEL_ROWS), repeats),
     }
 
 

@@ -9,7 +9,7 @@ import logging
 import typer
 from rich.markup import escape
 
-from sagekit.cli.common import DEVICE_HELP, MODEL_HELP, _resolve, device_name, _user_errors, app, err
+from sagekit.cli.common import DEVICE_HELP, MODEL_HELP, _resolve, _user_errors, app, device_name, err
 from sagekit.errors import SagekitError
 
 SERVE_MISSING = "sagekit serve needs Starlette and uvicorn: pip install 'sagekit[serve]'"

@@ -230,8 +230,9 @@ def codebook_matmul(x: np.ndarray, w: CodebookCPU, int8: bool = True) -> np.ndar
         return y[:, :out] * w.scale
     stride = w.blocks * ROWS
 
+    book, s = int8_gemm.byte_table(w.codewords_t)
+
     def decode_bytes(r0: int, r1: int, rows: np.ndarray, scales: np.ndarray) -> None:
-        book, s = int8_gemm.byte_table(w.codewords_t)
         _decode_bytes(w.codes, book, w.dim, runs, stride, r0, r1, rows)
         scales[: r1 - r0] = w.scale[r0:r1] * s
 

@@ -128,7 +128,6 @@ def quantize_tokens(x: np.ndarray, rows: np.ndarray, xq: np.ndarray, sx: np.ndar
     token scales and corr int32 = 128 sum_k q[t, k] (groups = ceil(T / TOKENS); tokens past T are zero).
     rows: int8 (groups TOKENS, 4 k4) scratch, the rounded tokens before their interleaving."""
     n = x.shape[0]
-    k4 = rows.shape[1] // 4
     for t in prange(sx.size):
         if t < n:
             sx[t] = _round_token(x[t], rows[t])
@@ -139,29 +138,25 @@ def quantize_tokens(x: np.ndarray, rows: np.ndarray, xq: np.ndarray, sx: np.ndar
         else:
             rows[t, :] = 0
             sx[t], corr[t] = 0.0, 0
-    words = rows.view(np.int32)
-    for g in prange(sx.size // TOKENS):
-        for k in range(k4):
-            for u in range(TOKENS):
-                xq[(g * k4 + k) * TOKENS + u] = words[g * TOKENS + u, k]
+    interleave(rows, xq, TOKENS)
 
 
 @njit(cache=True, parallel=True)
-def interleave_rows(rows: np.ndarray, wq: np.ndarray) -> None:
-    """Byte rows (panels PANEL_ROWS, 4 k4) into the GEMM's layout, wq int32 (panels, k4, PANEL_ROWS) flat:
-    each word a row's four bytes 4k..4k+3."""
+def interleave(rows: np.ndarray, out: np.ndarray, group: int) -> None:
+    """Byte rows (groups x group, 4 k4) into the GEMM's layout, out int32 (groups, k4, group) flat, each word a
+    row's four bytes 4k..4k+3: tokens in groups of TOKENS, weight rows in panels of PANEL_ROWS."""
     k4 = rows.shape[1] // 4
     words = rows.view(np.int32)
-    for p in prange(rows.shape[0] // PANEL_ROWS):
+    for g in prange(rows.shape[0] // group):
         for k in range(k4):
-            for i in range(PANEL_ROWS):
-                wq[(p * k4 + k) * PANEL_ROWS + i] = words[p * PANEL_ROWS + i, k]
+            for i in range(group):
+                out[(g * k4 + k) * group + i] = words[g * group + i, k]
 
 
 @njit(cache=True, parallel=True)
 def gemm(y: np.ndarray, col0: int, n_tok: int, xq: np.ndarray, k4: int, sx: np.ndarray, corr: np.ndarray,
          wq: np.ndarray, sw: np.ndarray) -> None:
-    """y[:n_tok, col0 : col0 + rows] = (x @ W.T) from quantize_tokens' and interleave_rows' arrays (rows =
+    """y[:n_tok, col0 : col0 + rows] = (x @ W.T) from quantize_tokens' and interleave's arrays (rows =
     sw.size, a multiple of PANEL_ROWS; y float32 (n_tok, >= col0 + rows) C-contiguous)."""
     ystride = y.shape[1]
     yf = y.reshape(-1)
@@ -209,5 +204,5 @@ class RoundedTokens:
         C-contiguous."""
         rows[n:], sw[n:] = 128, 0.0
         wq = scratch.buffer("wq", rows.shape[0] * self.k4, np.int32)
-        interleave_rows(rows, wq)
+        interleave(rows, wq, PANEL_ROWS)
         gemm(y, col0, self.n_tok, self.xq, self.k4, self.sx, self.corr, wq.view(np.uint8), sw)

@@ -13,6 +13,7 @@ codebook kernel does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -223,13 +224,19 @@ def _decode(w: LevelCPU, rows: np.ndarray, tile: np.ndarray, serial: bool = Fals
     (_SERIAL[kernel] if serial else kernel)(w.codes, w.levels, w.scale, w.chunks, w.bits, rows, tile)
 
 
-def _decode_bytes(w: LevelCPU, r0: int, r1: int, rows: np.ndarray, scales: np.ndarray) -> None:
-    """rows[:r1 - r0] = the int8 GEMM's rows r0..r1, and their scales: the same decoders, given the levels as
-    bytes (int8_gemm.byte_table) and unit scales, write q + 128 where they write scale * level."""
+def _byte_decoder(w: LevelCPU) -> Callable[[int, int, np.ndarray, np.ndarray], None]:
+    """tiles.tiled_matmul's decode_bytes for w: rows r0..r1 as the int8 GEMM's bytes, and their scales. The same
+    decoders, given the levels as bytes (int8_gemm.byte_table) and unit scales, write q + 128 where they write
+    scale * level."""
     levels, s = int8_gemm.byte_table(w.levels)
     kernel = _decode_words if 32 % w.bits == 0 else _decode_string
-    kernel(w.codes, levels, np.ones(r1, dtype=np.uint8), w.chunks, w.bits, np.arange(r0, r1), rows)
-    scales[: r1 - r0] = w.scale[r0:r1] * s
+    unit = np.ones(w.shape[0], dtype=np.uint8)
+
+    def decode_bytes(r0: int, r1: int, rows: np.ndarray, scales: np.ndarray) -> None:
+        kernel(w.codes, levels, unit, w.chunks, w.bits, np.arange(r0, r1), rows)
+        scales[: r1 - r0] = w.scale[r0:r1] * s
+
+    return decode_bytes
 
 
 def level_matmul(x: np.ndarray, w: LevelCPU, int8: bool = True) -> np.ndarray:
@@ -242,7 +249,7 @@ def level_matmul(x: np.ndarray, w: LevelCPU, int8: bool = True) -> np.ndarray:
         y = (_level_matmul_serial if small else _level_matmul)(xp, w.codes, w.table, w.chunks, w.bits)
         return y[:, :out] * w.scale
     return tiled_matmul(xp, out, width, lambda r0, r1, tile: _decode(w, np.arange(r0, r1), tile),
-                        (lambda r0, r1, rows, scales: _decode_bytes(w, r0, r1, rows, scales)) if int8 else None)
+                        _byte_decoder(w) if int8 else None)
 
 
 def level_rows(w: LevelCPU, rows: np.ndarray) -> np.ndarray:
